@@ -1,0 +1,498 @@
+//! Wire messages exchanged by two peers, and their binary encoding.
+//!
+//! Every message is one frame (see [`crate::frame`]) whose first byte is a
+//! tag. Two messages form a frozen *envelope* that every protocol version,
+//! past and future, must encode identically: [`Hello`] (tag 1) and
+//! [`Goodbye`] (tag 6). That is what lets an old laptop and a newer center
+//! tell each other "we cannot talk" in words instead of misparsing each
+//! other. Everything else is version 1 of the protocol.
+//!
+//! Decoding never trusts a length: every count and size is checked against
+//! the bytes actually present and against a named limit before anything is
+//! allocated. Decoding never panics on any input.
+
+use thiserror::Error;
+
+/// Four bytes that open every [`Hello`], so a stray client (or a different
+/// program on our port) is recognised at once.
+pub const HELLO_MAGIC: [u8; 4] = *b"FCSY";
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Oldest protocol version this build still speaks.
+pub const PROTOCOL_VERSION_MIN: u16 = 1;
+
+/// Longest case identifier accepted from a peer. Case codes are
+/// `PREFIX-NNNNNN`, far below this.
+pub const CASE_ID_BYTES_MAX: usize = 64;
+
+/// Most inventory entries in one [`Message::Inventory`], so one message
+/// stays well below the frame limit (64 + 16 + 2 bytes per entry).
+pub const INVENTORY_ENTRIES_MAX: usize = 4096;
+
+/// Longest human-readable reason in a [`Goodbye`].
+pub const REASON_BYTES_MAX: usize = 1024;
+
+/// Length of the digest of one case's heads.
+pub const HEADS_HASH_BYTES: usize = 16;
+
+/// A case identifier: its code, e.g. `K7QF2M-000017`.
+///
+/// Only ASCII letters, digits, `-`, `_` and `.` are allowed, and at most
+/// [`CASE_ID_BYTES_MAX`] bytes, so an identifier from a peer is always safe
+/// to print, log and use as a database key.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CaseId(String);
+
+impl CaseId {
+    /// Checks `s` against the identifier rules.
+    pub fn new(s: &str) -> Result<Self, DecodeError> {
+        let ok = !s.is_empty()
+            && s.len() <= CASE_ID_BYTES_MAX
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if ok {
+            Ok(CaseId(s.to_string()))
+        } else {
+            Err(DecodeError::BadCaseId)
+        }
+    }
+
+    /// The identifier as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for CaseId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Digest of one case's Automerge heads (see [`crate::inventory`]).
+pub type HeadsHash = [u8; HEADS_HASH_BYTES];
+
+/// The first message each side sends, in the frozen envelope format.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// Oldest protocol version the sender speaks.
+    pub version_min: u16,
+    /// Newest protocol version the sender speaks.
+    pub version_max: u16,
+    /// Whether the sender wants the session to stay open and push live
+    /// edits after the first convergence (`sync --watch`).
+    pub live: bool,
+}
+
+/// Why a peer is ending the session, in the frozen envelope format.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Goodbye {
+    /// Machine-readable reason.
+    pub code: GoodbyeCode,
+    /// One line for a person to read.
+    pub reason: String,
+}
+
+/// Machine-readable reasons for a [`Goodbye`]. Unknown codes from newer
+/// peers decode as [`GoodbyeCode::Other`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GoodbyeCode {
+    /// No protocol version in common.
+    VersionMismatch,
+    /// The sender received something it could not accept.
+    ProtocolError,
+    /// The sender's own storage failed.
+    LocalFault,
+    /// Any code this build does not know.
+    Other(u16),
+}
+
+impl GoodbyeCode {
+    fn to_u16(self) -> u16 {
+        match self {
+            GoodbyeCode::VersionMismatch => 1,
+            GoodbyeCode::ProtocolError => 2,
+            GoodbyeCode::LocalFault => 3,
+            GoodbyeCode::Other(c) => c,
+        }
+    }
+    fn from_u16(c: u16) -> Self {
+        match c {
+            1 => GoodbyeCode::VersionMismatch,
+            2 => GoodbyeCode::ProtocolError,
+            3 => GoodbyeCode::LocalFault,
+            c => GoodbyeCode::Other(c),
+        }
+    }
+}
+
+/// Everything two peers say to each other.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Versions and mode; always first.
+    Hello(Hello),
+    /// Count and root hash of the cases the sender shares with this peer.
+    /// Equal digests mean nothing differs and no per-case message follows.
+    Digest {
+        /// Number of cases in the sender's inventory.
+        count: u64,
+        /// Hash over all (case id, heads hash) pairs, in id order.
+        root: [u8; 32],
+    },
+    /// A batch of the sender's inventory, sent only when digests differ.
+    Inventory {
+        /// (case id, heads hash) pairs in ascending id order.
+        entries: Vec<(CaseId, HeadsHash)>,
+        /// True on the last batch.
+        last: bool,
+    },
+    /// One Automerge sync message for one case.
+    CaseSync {
+        /// Which case.
+        case: CaseId,
+        /// The encoded `automerge::sync::Message`.
+        data: Vec<u8>,
+    },
+    /// "I have processed everything you sent and have nothing to send."
+    /// The counts let both sides agree that the session is quiescent even
+    /// though messages cross in flight.
+    Idle {
+        /// Data messages (Inventory, CaseSync) the sender has received.
+        received: u64,
+        /// Data messages the sender has sent.
+        sent: u64,
+    },
+    /// The sender ends the session.
+    Goodbye(Goodbye),
+}
+
+const TAG_HELLO: u8 = 1;
+const TAG_DIGEST: u8 = 2;
+const TAG_INVENTORY: u8 = 3;
+const TAG_CASE_SYNC: u8 = 4;
+const TAG_IDLE: u8 = 5;
+const TAG_GOODBYE: u8 = 6;
+
+/// Why a frame payload is not a valid message.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The payload ended before the message did.
+    #[error("message is truncated")]
+    Truncated,
+    /// Bytes were left over after a complete message.
+    #[error("message has {0} trailing bytes")]
+    TrailingBytes(usize),
+    /// The first byte names no message we know.
+    #[error("unknown message tag {0}")]
+    UnknownTag(u8),
+    /// A Hello did not start with the fieldcase magic bytes.
+    #[error("not a fieldcase peer (bad magic bytes in hello)")]
+    BadMagic,
+    /// A variable-length integer was longer than 10 bytes or overflowed.
+    #[error("malformed variable-length integer")]
+    BadVarint,
+    /// A case identifier broke the identifier rules.
+    #[error("malformed case identifier")]
+    BadCaseId,
+    /// A length or count exceeded its limit.
+    #[error("{what} exceeds its limit of {limit}")]
+    OverLimit {
+        /// Which field.
+        what: &'static str,
+        /// The limit.
+        limit: usize,
+    },
+    /// Text was not UTF-8.
+    #[error("text is not valid UTF-8")]
+    BadUtf8,
+    /// A boolean byte was neither 0 nor 1.
+    #[error("malformed boolean")]
+    BadBool,
+}
+
+impl Message {
+    /// Encodes the message as a frame payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Vec::new();
+        match self {
+            Message::Hello(h) => {
+                w.push(TAG_HELLO);
+                w.extend_from_slice(&HELLO_MAGIC);
+                w.extend_from_slice(&h.version_min.to_be_bytes());
+                w.extend_from_slice(&h.version_max.to_be_bytes());
+                w.push(u8::from(h.live));
+            }
+            Message::Digest { count, root } => {
+                w.push(TAG_DIGEST);
+                put_varint(&mut w, *count);
+                w.extend_from_slice(root);
+            }
+            Message::Inventory { entries, last } => {
+                w.push(TAG_INVENTORY);
+                w.push(u8::from(*last));
+                put_varint(&mut w, entries.len() as u64);
+                for (id, hash) in entries {
+                    put_bytes(&mut w, id.as_str().as_bytes());
+                    w.extend_from_slice(hash);
+                }
+            }
+            Message::CaseSync { case, data } => {
+                w.push(TAG_CASE_SYNC);
+                put_bytes(&mut w, case.as_str().as_bytes());
+                put_bytes(&mut w, data);
+            }
+            Message::Idle { received, sent } => {
+                w.push(TAG_IDLE);
+                put_varint(&mut w, *received);
+                put_varint(&mut w, *sent);
+            }
+            Message::Goodbye(g) => {
+                w.push(TAG_GOODBYE);
+                w.extend_from_slice(&g.code.to_u16().to_be_bytes());
+                let reason = truncate_utf8(&g.reason, REASON_BYTES_MAX);
+                w.extend_from_slice(&(reason.len() as u16).to_be_bytes());
+                w.extend_from_slice(reason.as_bytes());
+            }
+        }
+        w
+    }
+
+    /// Decodes a frame payload. Never panics; every length is bounded.
+    pub fn decode(payload: &[u8]) -> Result<Message, DecodeError> {
+        let mut r = Reader { buf: payload };
+        let msg = match r.u8()? {
+            TAG_HELLO => {
+                if r.take(4)? != HELLO_MAGIC {
+                    return Err(DecodeError::BadMagic);
+                }
+                let version_min = r.u16()?;
+                let version_max = r.u16()?;
+                let live = r.bool()?;
+                // Fields appended by newer versions are ignored, which is
+                // what keeps the Hello frozen yet extensible.
+                r.buf = &[];
+                Message::Hello(Hello {
+                    version_min,
+                    version_max,
+                    live,
+                })
+            }
+            TAG_DIGEST => {
+                let count = r.varint()?;
+                let mut root = [0u8; 32];
+                root.copy_from_slice(r.take(32)?);
+                Message::Digest { count, root }
+            }
+            TAG_INVENTORY => {
+                let last = r.bool()?;
+                let n = r.varint()?;
+                if n > INVENTORY_ENTRIES_MAX as u64 {
+                    return Err(DecodeError::OverLimit {
+                        what: "inventory entries",
+                        limit: INVENTORY_ENTRIES_MAX,
+                    });
+                }
+                // Each entry is at least 1 + 1 + 16 bytes, so `n` is also
+                // bounded by the payload size before we allocate.
+                if (n as usize) * (2 + HEADS_HASH_BYTES) > r.buf.len() {
+                    return Err(DecodeError::Truncated);
+                }
+                let mut entries = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    let id = r.case_id()?;
+                    let mut hash = [0u8; HEADS_HASH_BYTES];
+                    hash.copy_from_slice(r.take(HEADS_HASH_BYTES)?);
+                    entries.push((id, hash));
+                }
+                Message::Inventory { entries, last }
+            }
+            TAG_CASE_SYNC => {
+                let case = r.case_id()?;
+                let data = r.bytes()?.to_vec();
+                Message::CaseSync { case, data }
+            }
+            TAG_IDLE => Message::Idle {
+                received: r.varint()?,
+                sent: r.varint()?,
+            },
+            TAG_GOODBYE => {
+                let code = GoodbyeCode::from_u16(r.u16()?);
+                let len = r.u16()? as usize;
+                if len > REASON_BYTES_MAX {
+                    return Err(DecodeError::OverLimit {
+                        what: "goodbye reason",
+                        limit: REASON_BYTES_MAX,
+                    });
+                }
+                let reason = std::str::from_utf8(r.take(len)?)
+                    .map_err(|_| DecodeError::BadUtf8)?
+                    .to_string();
+                r.buf = &[];
+                Message::Goodbye(Goodbye { code, reason })
+            }
+            tag => return Err(DecodeError::UnknownTag(tag)),
+        };
+        if !r.buf.is_empty() {
+            return Err(DecodeError::TrailingBytes(r.buf.len()));
+        }
+        Ok(msg)
+    }
+
+    /// A short name for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Digest { .. } => "digest",
+            Message::Inventory { .. } => "inventory",
+            Message::CaseSync { .. } => "case-sync",
+            Message::Idle { .. } => "idle",
+            Message::Goodbye(_) => "goodbye",
+        }
+    }
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn put_varint(w: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            w.push(byte);
+            return;
+        }
+        w.push(byte | 0x80);
+    }
+}
+
+fn put_bytes(w: &mut Vec<u8>, b: &[u8]) {
+    put_varint(w, b.len() as u64);
+    w.extend_from_slice(b);
+}
+
+/// A cursor over a payload that refuses to read past its end.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.buf.len() < n {
+            return Err(DecodeError::Truncated);
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn bool(&mut self) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(DecodeError::BadBool),
+        }
+    }
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut v: u64 = 0;
+        for i in 0..10 {
+            let byte = self.u8()?;
+            let part = u64::from(byte & 0x7f);
+            if i == 9 && part > 1 {
+                return Err(DecodeError::BadVarint);
+            }
+            v |= part << (7 * i);
+            if byte & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(DecodeError::BadVarint)
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+        let n = self.varint()?;
+        if n > self.buf.len() as u64 {
+            return Err(DecodeError::Truncated);
+        }
+        self.take(n as usize)
+    }
+    fn case_id(&mut self) -> Result<CaseId, DecodeError> {
+        let b = self.bytes()?;
+        if b.len() > CASE_ID_BYTES_MAX {
+            return Err(DecodeError::OverLimit {
+                what: "case identifier",
+                limit: CASE_ID_BYTES_MAX,
+            });
+        }
+        let s = std::str::from_utf8(b).map_err(|_| DecodeError::BadCaseId)?;
+        CaseId::new(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_future_hello_with_extra_fields_still_decodes() {
+        let mut bytes = Message::Hello(Hello {
+            version_min: 3,
+            version_max: 9,
+            live: true,
+        })
+        .encode();
+        bytes.extend_from_slice(b"fields a newer center added");
+        assert_eq!(
+            Message::decode(&bytes),
+            Ok(Message::Hello(Hello {
+                version_min: 3,
+                version_max: 9,
+                live: true
+            }))
+        );
+    }
+
+    #[test]
+    fn an_inventory_claiming_a_billion_entries_is_refused_without_allocating() {
+        let mut bytes = vec![TAG_INVENTORY, 1];
+        put_varint(&mut bytes, 1_000_000_000);
+        assert!(matches!(
+            Message::decode(&bytes),
+            Err(DecodeError::OverLimit { .. })
+        ));
+        let mut bytes = vec![TAG_INVENTORY, 1];
+        put_varint(&mut bytes, 4000);
+        assert_eq!(Message::decode(&bytes), Err(DecodeError::Truncated));
+    }
+
+    #[test]
+    fn case_ids_with_control_characters_are_refused() {
+        let mut bytes = vec![TAG_CASE_SYNC];
+        put_bytes(&mut bytes, b"AB\x1b[2J");
+        put_bytes(&mut bytes, b"");
+        assert_eq!(Message::decode(&bytes), Err(DecodeError::BadCaseId));
+    }
+
+    #[test]
+    fn overlong_varints_are_refused() {
+        let bytes = [
+            TAG_IDLE, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f, 0,
+        ];
+        assert_eq!(Message::decode(&bytes), Err(DecodeError::BadVarint));
+    }
+}
