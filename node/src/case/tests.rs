@@ -666,7 +666,16 @@ fn garbage_documents_are_malformed_not_panics() {
     // Variations on a real case.
     type Tamper =
         fn(&mut automerge::transaction::Transaction<'_>) -> Result<(), automerge::AutomergeError>;
-    let tampers: [(&str, Tamper); 9] = [
+    let tampers: [(&str, Tamper); 10] = [
+        ("oversized note", |tx| {
+            let (_, notes) = tx.get(ROOT, "notes")?.unwrap();
+            let n = tx.insert_object(&notes, 0, ObjType::Map)?;
+            for k in ["author", "author_name"] {
+                tx.put(&n, k, "x")?;
+            }
+            tx.put(&n, "at_ms", 1i64)?;
+            tx.put(&n, "text", "spam ".repeat(10_000))
+        }),
         ("schema 2", |tx| tx.put(ROOT, "schema", 2u64)),
         ("unknown procedure", |tx| {
             tx.put(ROOT, "procedure", "passport")

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::doc::{self, child_obj, hydrate_case, CandidateRec};
 use super::{
     all_targets, check_code, date, procedure, status, CaseError, DocState, Status, Target,
-    DOC_PREFIX,
+    DOC_PREFIX, MAX_FIELD_CHARS, MAX_TEXT_CHARS,
 };
 
 /// Applicant block of a [`CaseView`]. Empty strings mean "not given".
@@ -224,6 +224,7 @@ pub fn view(doc: &Automerge) -> Result<CaseView, CaseError> {
             proc.id
         )));
     }
+    check_lengths(&c)?;
     let mut checklist = Vec::with_capacity(proc.checklist.len());
     for def in proc.checklist {
         let state = match c.checklist.get(def.id) {
@@ -372,6 +373,44 @@ pub fn view(doc: &Automerge) -> Result<CaseView, CaseError> {
     })
 }
 
+/// Refuse oversized text a peer may have written directly: our own writes
+/// never exceed these caps, so anything larger is not from a fieldcase node.
+fn check_lengths(c: &doc::CaseDoc) -> Result<(), CaseError> {
+    let too_long = |s: &str, max: usize| s.chars().count() > max;
+    let a = &c.applicant;
+    let short = [
+        &a.name,
+        &a.birth_date,
+        &a.id_number,
+        &a.phone,
+        &a.village,
+        &c.assignee,
+    ]
+    .into_iter()
+    .chain(c.fields.values());
+    if short.into_iter().any(|s| too_long(s, MAX_FIELD_CHARS)) {
+        return Err(malformed(format!(
+            "a field value is longer than {MAX_FIELD_CHARS} characters"
+        )));
+    }
+    let texts = c
+        .notes
+        .iter()
+        .map(|n| &n.text)
+        .chain(c.questions.iter().map(|q| &q.text))
+        .chain(
+            c.questions
+                .iter()
+                .flat_map(|q| q.answers.iter().map(|a| &a.text)),
+        );
+    if texts.into_iter().any(|s| too_long(s, MAX_TEXT_CHARS)) {
+        return Err(malformed(format!(
+            "a note, question or answer is longer than {MAX_TEXT_CHARS} characters"
+        )));
+    }
+    Ok(())
+}
+
 /// Find every scalar whose concurrent values disagree.
 fn conflicts(
     doc: &Automerge,
@@ -400,6 +439,9 @@ fn conflicts(
                 Value::Object(_) => None,
             }
             .ok_or_else(|| malformed(format!("'{}' holds a non-text value", t.name())))?;
+            if matches!(t, Target::Doc(_)) && value.parse::<DocState>().is_err() {
+                return Err(malformed(format!("'{}' has state '{value}'", t.name())));
+            }
             let meta = doc
                 .hash_for_opid(id)
                 .and_then(|h| doc.get_change_meta_by_hash(&h));
