@@ -1,0 +1,176 @@
+//! The stored shape of a case document and low-level access helpers.
+//!
+//! Document layout (schema 1). Keys are snake_case and are a wire format:
+//! renaming one breaks every replica in the field, so don't.
+//!
+//! ```text
+//! ROOT {
+//!   schema: uint (1)
+//!   code: str                     case code given by the caller, e.g. "K7QF2M-0001"
+//!   procedure: str                procedure id, see procedures.rs
+//!   applicant: { name, birth_date, id_number, phone, village }   each a str scalar
+//!   fields: { <field-id>: str }   procedure fields (kebab-case ids)
+//!   checklist: { <item-id>: "received" | "missing" | "invalid" }
+//!   assignee: str                 may be ""
+//!   notes: [ { author, author_name, at_ms, text } ]                      append-only
+//!   questions: [ { asked_by, asked_name, at_ms, text,
+//!                  answers: [ { by, name, at_ms, text } ] } ]            append-only
+//!   status_events: [ { by, name, at_ms, from, to } ]                     append-only
+//!   resolutions: [ { field, value, by, name, at_ms,
+//!                    replaced: [ { value, node_id, node_name, at_ms } ] } ]  append-only
+//!   members: { <actor-hex>: { node_id, name } }
+//!   created_at_ms: int, created_by: str, created_by_name: str, due_date: str
+//! }
+//! ```
+//!
+//! Every editable value is a plain scalar at its own map key so that
+//! concurrent offline edits surface as Automerge conflicts (see `view.rs`),
+//! instead of being merged character-by-character into nonsense.
+
+use std::collections::BTreeMap;
+
+use automerge::{ObjId, ObjType, ReadDoc, Value};
+use autosurgeon::{Hydrate, Reconcile};
+
+use super::CaseError;
+
+/// Current schema version written by [`super::create`].
+pub const SCHEMA: u64 = 1;
+
+pub(crate) const K_APPLICANT: &str = "applicant";
+pub(crate) const K_FIELDS: &str = "fields";
+pub(crate) const K_CHECKLIST: &str = "checklist";
+pub(crate) const K_ASSIGNEE: &str = "assignee";
+pub(crate) const K_NOTES: &str = "notes";
+pub(crate) const K_QUESTIONS: &str = "questions";
+pub(crate) const K_ANSWERS: &str = "answers";
+pub(crate) const K_EVENTS: &str = "status_events";
+pub(crate) const K_RESOLUTIONS: &str = "resolutions";
+pub(crate) const K_MEMBERS: &str = "members";
+
+#[derive(Debug, Clone, Default, PartialEq, Hydrate, Reconcile)]
+pub(crate) struct ApplicantRec {
+    pub name: String,
+    pub birth_date: String,
+    pub id_number: String,
+    pub phone: String,
+    pub village: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Hydrate, Reconcile)]
+pub(crate) struct NoteRec {
+    pub author: String,
+    pub author_name: String,
+    pub at_ms: i64,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Hydrate, Reconcile)]
+pub(crate) struct AnswerRec {
+    pub by: String,
+    pub name: String,
+    pub at_ms: i64,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Hydrate, Reconcile)]
+pub(crate) struct QuestionRec {
+    pub asked_by: String,
+    pub asked_name: String,
+    pub at_ms: i64,
+    pub text: String,
+    pub answers: Vec<AnswerRec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Hydrate, Reconcile)]
+pub(crate) struct StatusEventRec {
+    pub by: String,
+    pub name: String,
+    pub at_ms: i64,
+    pub from: String,
+    pub to: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Hydrate, Reconcile)]
+pub(crate) struct CandidateRec {
+    pub value: String,
+    pub node_id: String,
+    pub node_name: String,
+    pub at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Hydrate, Reconcile)]
+pub(crate) struct ResolutionRec {
+    pub field: String,
+    pub value: String,
+    pub by: String,
+    pub name: String,
+    pub at_ms: i64,
+    pub replaced: Vec<CandidateRec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Hydrate, Reconcile)]
+pub(crate) struct MemberRec {
+    pub node_id: String,
+    pub name: String,
+}
+
+/// The whole case document. Used to write the initial document in one go
+/// and to hydrate (and thereby type-check) documents for reading. Appends
+/// after creation never reconcile this struct: they insert single elements.
+#[derive(Debug, Clone, PartialEq, Hydrate, Reconcile)]
+pub(crate) struct CaseDoc {
+    pub schema: u64,
+    pub code: String,
+    pub procedure: String,
+    pub applicant: ApplicantRec,
+    pub fields: BTreeMap<String, String>,
+    pub checklist: BTreeMap<String, String>,
+    pub assignee: String,
+    pub notes: Vec<NoteRec>,
+    pub questions: Vec<QuestionRec>,
+    pub status_events: Vec<StatusEventRec>,
+    pub resolutions: Vec<ResolutionRec>,
+    pub members: BTreeMap<String, MemberRec>,
+    pub created_at_ms: i64,
+    pub created_by: String,
+    pub created_by_name: String,
+    pub due_date: String,
+}
+
+/// Hydrate the case, turning any shape error into `Malformed` (a peer's
+/// garbage must be an error, never a panic).
+pub(crate) fn hydrate_case<D: autosurgeon::ReadDoc>(doc: &D) -> Result<CaseDoc, CaseError> {
+    autosurgeon::hydrate(doc)
+        .map_err(|e| CaseError::Malformed(format!("document does not have the case shape: {e}")))
+}
+
+/// The id of the object of type `want` stored at `key` of `parent`.
+pub(crate) fn child_obj<D: ReadDoc>(
+    doc: &D,
+    parent: &ObjId,
+    key: &str,
+    want: ObjType,
+) -> Result<ObjId, CaseError> {
+    match doc.get(parent, key)? {
+        Some((Value::Object(t), id)) if t == want => Ok(id),
+        Some(_) => Err(CaseError::Malformed(format!(
+            "'{key}' is not a {want:?} object"
+        ))),
+        None => Err(CaseError::Malformed(format!("'{key}' is missing"))),
+    }
+}
+
+/// The id of the map at index `idx` of `list`.
+pub(crate) fn list_elem_map<D: ReadDoc>(
+    doc: &D,
+    list: &ObjId,
+    idx: usize,
+) -> Result<ObjId, CaseError> {
+    match doc.get(list, idx)? {
+        Some((Value::Object(ObjType::Map), id)) => Ok(id),
+        _ => Err(CaseError::Malformed(format!(
+            "list element {idx} is not a map"
+        ))),
+    }
+}
