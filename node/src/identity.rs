@@ -549,8 +549,10 @@ fn write_atomic(dir: &Path, name: &str, data: &[u8], mode: u32) -> Result<(), Id
     Ok(())
 }
 
-/// Minimal PEM encoder (64-column base64), so the key file can be read by
-/// standard tools such as `openssl pkey`.
+/// Minimal PEM encoder (64-column base64). PEM keeps the key file
+/// recognisable and inspectable (`openssl asn1parse`); the content is
+/// ring's PKCS#8 v2 (RFC 5958, public key included), which some OpenSSL
+/// builds cannot load with `openssl pkey`.
 fn pem_encode(label: &str, der: &[u8]) -> String {
     const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
@@ -1040,9 +1042,10 @@ mod tests {
         )
         .unwrap();
         let addr = server.local_addr().unwrap();
-        tokio::spawn(async move {
-            if let Some(incoming) = server.accept().await {
-                let _ = incoming.await;
+        let server_side = tokio::spawn(async move {
+            match server.accept().await {
+                Some(incoming) => incoming.await.is_ok(),
+                None => true,
             }
         });
         let provider = provider();
@@ -1065,5 +1068,9 @@ mod tests {
             let reason = conn.closed().await;
             assert!(!matches!(reason, quinn::ConnectionError::LocallyClosed));
         }
+        assert!(
+            !server_side.await.unwrap(),
+            "server must refuse a client without a certificate"
+        );
     }
 }
