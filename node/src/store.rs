@@ -1631,6 +1631,57 @@ mod tests {
     }
 
     #[test]
+    fn full_disk_is_reported_and_nothing_is_consumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(&dir);
+        // Simulate a full disk: forbid the file from growing.
+        let pages: i64 = store
+            .conn
+            .pragma_query_value(None, "page_count", |r| r.get(0))
+            .unwrap();
+        store
+            .conn
+            .pragma_update(None, "max_page_count", pages)
+            .unwrap();
+        // Incompressible text, so the snapshot really is large.
+        let mut x: u32 = 1;
+        let big: String = (0..256 * 1024)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                char::from(b'a' + ((x >> 16) % 26) as u8)
+            })
+            .collect();
+        let err = store.create_case(|seq| {
+            let mut doc = new_doc("received", "Thôn 9");
+            put(&mut doc, "notes", &big)?;
+            Ok::<_, AutomergeError>((format!("C-{seq}"), doc))
+        });
+        assert!(
+            matches!(err, Err(CreateError::Store(StoreError::DiskFull))),
+            "{err:?}"
+        );
+        store
+            .conn
+            .pragma_update(None, "max_page_count", 1_000_000)
+            .unwrap();
+        assert_eq!(create(&mut store, "Thôn 9"), "K7QF2M-0001");
+    }
+
+    #[test]
+    fn lock_held_too_long_is_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let holder = open(&dir);
+        let mut waiter = open(&dir);
+        waiter.conn.busy_timeout(Duration::from_millis(50)).unwrap();
+        holder.conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let err = waiter.meta_set("k", b"v").unwrap_err();
+        assert!(matches!(err, StoreError::Busy { .. }), "{err:?}");
+        assert!(err.is_fault());
+        holder.conn.execute_batch("ROLLBACK").unwrap();
+        waiter.meta_set("k", b"v").unwrap();
+    }
+
+    #[test]
     fn two_connections_share_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let mut cli = open(&dir);
