@@ -1,1 +1,17 @@
+//! fieldcase node: everything between the pure sync protocol and a person.
+//!
+//! - [`case`]: the case model (procedures, derived status, conflicts).
+//! - [`store`]: SQLite storage of case documents, peers and sync state.
+//! - [`identity`]: node keys, node IDs and the mutual-TLS configuration.
+//! - [`share`]: the one place deciding which cases a peer may see.
+//! - [`net`]: the QUIC transport that drives `fieldcase_sync` sessions.
+//! - [`notify`]: cross-process "a case changed" notifications for live push.
+//! - [`node`]: the facade tying them together for the CLI and tests.
+
 pub mod case;
+pub mod identity;
+pub mod net;
+pub mod node;
+pub mod notify;
+pub mod share;
+pub mod store;
