@@ -794,6 +794,17 @@ impl Store {
         blob.map(|b| decode_heads(code, &b)).transpose()
     }
 
+    /// The number of conflicted fields recorded in a case's projection, so
+    /// a sync can report how many conflicts a merge introduced.
+    pub fn case_conflicts(&self, code: &str) -> Result<Option<i64>, StoreError> {
+        self.conn
+            .query_row("SELECT conflicts FROM cases WHERE code = ?1", [code], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(self.sql())
+    }
+
     /// Merges a document received from `peer` into the stored case (or
     /// stores it as a new case), and saves the peer's sync state, all in
     /// one transaction so the sync marker never runs ahead of the data.

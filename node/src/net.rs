@@ -1,0 +1,789 @@
+//! The QUIC transport: runs [`fieldcase_sync::Session`]s over quinn.
+//!
+//! This is the thin runtime around the pure protocol, the way `quinn` wraps
+//! `quinn-proto`: it moves bytes between a QUIC stream and a session, hands
+//! the session a store narrowed to the peer, and decides *who* may connect.
+//!
+//! Trust is checked right after the TLS handshake, before the sync stream
+//! is accepted: TLS proves the peer holds the key behind its node ID, and
+//! the trust list decides whether that ID may sync. An untrusted node gets
+//! a connection close whose reason says what to do, and no case data moves.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use automerge::{Automerge, ChangeHash};
+use fieldcase_sync::{
+    CaseId, CaseStore, CommitError, CommitOutcome, Event, Session, SessionConfig, SessionError,
+    SessionStats, StoreFault,
+};
+use thiserror::Error;
+use tokio::sync::broadcast;
+
+use crate::identity::{self, Identity, IdentityError, NodeId};
+use crate::node::{now_ms, open_store, NodeError};
+use crate::notify::{ChangeListener, CHANNEL_CAPACITY};
+use crate::share::SharePolicy;
+use crate::store::{MergeError, PeerRow, Store, StoreError};
+
+/// Close code: the session converged and ended normally.
+pub const CLOSE_DONE: u32 = 0;
+/// Close code: the connecting node is not on the trust list.
+pub const CLOSE_UNTRUSTED: u32 = 1;
+/// Close code: the node answering is not the one we pinned.
+pub const CLOSE_WRONG_PEER: u32 = 2;
+/// Close code: the peer broke the protocol or sent invalid data.
+pub const CLOSE_MISBEHAVED: u32 = 3;
+/// Close code: our own storage failed.
+pub const CLOSE_LOCAL_FAULT: u32 = 4;
+/// Close code: the server is shutting down.
+pub const CLOSE_SHUTDOWN: u32 = 5;
+
+/// How long to wait for a QUIC handshake before calling a peer
+/// unreachable. Village links have RTTs near a second; ten leaves room
+/// for several retransmissions.
+pub const CONNECT_TIMEOUT_MS: u64 = 10_000;
+
+/// A one-shot session that receives nothing for this long is abandoned.
+/// QUIC keep-alives keep the connection up but carry no session bytes, so
+/// this bounds a peer that stalls on purpose.
+pub const SESSION_STALL_TIMEOUT_MS: u64 = 60_000;
+
+/// How long to wait for the peer to finish its side after we finished ours.
+pub const FINISH_TIMEOUT_MS: u64 = 10_000;
+
+/// Largest chunk read from a stream at once; frames larger than this simply
+/// arrive in several reads.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Backoff bounds for `sync --watch` while the peer is unreachable.
+pub const BACKOFF_MIN_MS: u64 = 500;
+/// See [`BACKOFF_MIN_MS`].
+pub const BACKOFF_MAX_MS: u64 = 30_000;
+
+/// Where human-readable progress lines go.
+pub type Logger = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// A logger that writes to stderr.
+pub fn stderr_logger() -> Logger {
+    Arc::new(|line: &str| eprintln!("{line}"))
+}
+
+/// Why a network operation failed.
+#[derive(Debug, Error)]
+pub enum NetError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The peer has no address to connect to.
+    #[error("peer '{0}' has no address; add one with `fieldcase peer add ID --name NAME --addr HOST:PORT`")]
+    NoAddress(String),
+    /// The peer's address did not resolve.
+    #[error("cannot resolve address '{addr}' of peer '{peer}'")]
+    BadAddress {
+        /// The peer.
+        peer: String,
+        /// The address as stored.
+        addr: String,
+    },
+    /// No handshake completed in time, or the connection failed to start.
+    #[error("cannot reach {peer} at {addr}: {reason}")]
+    Unreachable {
+        /// The peer.
+        peer: String,
+        /// The address tried.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The node that answered is not the one we trust under that name.
+    #[error("the node at {addr} is {got}, not {expected} ('{peer}'); refusing to sync")]
+    WrongPeer {
+        /// The peer name.
+        peer: String,
+        /// The address.
+        addr: SocketAddr,
+        /// The ID we pinned.
+        expected: String,
+        /// The ID that answered.
+        got: String,
+    },
+    /// The peer closed the connection and said why (for example: we are not
+    /// on its trust list, or it found our data invalid).
+    #[error("{peer} closed the connection: {reason}")]
+    Refused {
+        /// The peer.
+        peer: String,
+        /// The peer's reason.
+        reason: String,
+    },
+    /// The connection dropped.
+    #[error("connection to {peer} lost: {reason}")]
+    ConnectionLost {
+        /// The peer.
+        peer: String,
+        /// What QUIC said.
+        reason: String,
+    },
+    /// The session failed; see [`SessionError::is_peer_fault`].
+    #[error("sync with {peer} failed: {source}")]
+    Session {
+        /// The peer.
+        peer: String,
+        /// The protocol error.
+        source: SessionError,
+    },
+    /// The peer sent nothing for too long.
+    #[error("{peer} stopped responding")]
+    Stalled {
+        /// The peer.
+        peer: String,
+    },
+    /// Local storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Identity or TLS setup failed.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// Opening the node failed.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
+impl NetError {
+    /// True when the peer misbehaved (as opposed to the link or us).
+    pub fn is_peer_fault(&self) -> bool {
+        matches!(self, NetError::Session { source, .. } if source.is_peer_fault())
+    }
+}
+
+/// Runs `f` on the store without stalling other tasks: SQLite calls block
+/// for an fsync, so on a multi-threaded runtime they move off the worker.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+/// The store narrowed to one peer, as the session sees it.
+pub struct PeerStore<'a> {
+    store: &'a mut Store,
+    peer_id: String,
+    policy: SharePolicy,
+}
+
+impl<'a> PeerStore<'a> {
+    /// Narrows `store` to `peer`.
+    pub fn new(store: &'a mut Store, peer: &PeerRow) -> Self {
+        PeerStore {
+            store,
+            peer_id: peer.node_id.clone(),
+            policy: SharePolicy::for_peer(peer),
+        }
+    }
+}
+
+fn fault(e: StoreError) -> StoreFault {
+    StoreFault(e.to_string())
+}
+
+impl CaseStore for PeerStore<'_> {
+    fn inventory(&mut self) -> Result<Vec<(CaseId, Vec<ChangeHash>)>, StoreFault> {
+        let mut out = Vec::new();
+        for (code, heads) in self.store.inventory().map_err(fault)? {
+            if !self.policy.shares_code(&code) {
+                continue;
+            }
+            // Codes in our own store were validated on the way in.
+            if let Ok(id) = CaseId::new(&code) {
+                out.push((id, heads));
+            }
+        }
+        Ok(out)
+    }
+
+    fn load(&mut self, case: &CaseId) -> Result<Option<Automerge>, StoreFault> {
+        if !self.policy.shares_code(case.as_str()) {
+            return Ok(None);
+        }
+        self.store.load_case(case.as_str()).map_err(fault)
+    }
+
+    fn load_sync_state(&mut self, case: &CaseId) -> Result<Option<Vec<u8>>, StoreFault> {
+        self.store
+            .load_sync_state(&self.peer_id, case.as_str())
+            .map_err(fault)
+    }
+
+    fn save_sync_state(&mut self, case: &CaseId, state: &[u8]) -> Result<(), StoreFault> {
+        self.store
+            .save_sync_state(&self.peer_id, case.as_str(), state)
+            .map_err(fault)
+    }
+
+    fn commit(
+        &mut self,
+        case: &CaseId,
+        doc: &Automerge,
+        sync_state: &[u8],
+    ) -> Result<CommitOutcome, CommitError> {
+        // A peer may only write a case under the code the document itself
+        // carries; anything else would let it overwrite another case.
+        crate::case::validate_code(doc, case.as_str())
+            .map_err(|e| CommitError::Rejected(e.to_string()))?;
+        let conflicts_before = self
+            .store
+            .case_conflicts(case.as_str())
+            .map_err(|e| CommitError::Fault(fault(e)))?
+            .unwrap_or(0);
+        let outcome = self
+            .store
+            .merge_remote(&self.peer_id, case.as_str(), doc, sync_state)
+            .map_err(|e| match e {
+                MergeError::Rejected(reason) => CommitError::Rejected(reason),
+                MergeError::Store(e) => CommitError::Fault(fault(e)),
+            })?;
+        let conflicts_after = self
+            .store
+            .case_conflicts(case.as_str())
+            .map_err(|e| CommitError::Fault(fault(e)))?
+            .unwrap_or(0);
+        Ok(CommitOutcome {
+            changed: outcome.changed,
+            created: outcome.created,
+            new_conflicts: u32::try_from(conflicts_after - conflicts_before).unwrap_or(0),
+        })
+    }
+}
+
+/// What a session achieved, for the one-line summary.
+#[derive(Clone, Debug)]
+pub struct SyncReport {
+    /// The peer's name on our trust list.
+    pub peer: String,
+    /// The session's counters.
+    pub stats: SessionStats,
+}
+
+impl SyncReport {
+    /// "sync with center: 2 cases sent, 1 case received, 1 new conflict".
+    pub fn summary(&self) -> String {
+        summary_line(&self.peer, &self.stats)
+    }
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// The one-line summary of a session.
+pub fn summary_line(peer: &str, stats: &SessionStats) -> String {
+    format!(
+        "sync with {peer}: {} sent, {} received, {}",
+        plural(stats.cases_sent.len(), "case", "cases"),
+        plural(stats.cases_received.len(), "case", "cases"),
+        plural(
+            stats.new_conflicts as usize,
+            "new conflict",
+            "new conflicts"
+        ),
+    )
+}
+
+/// Describes a quinn connection error, using the peer's own words when it
+/// closed the connection on purpose.
+fn describe_close(peer: &str, e: &quinn::ConnectionError) -> NetError {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(close) => NetError::Refused {
+            peer: peer.to_string(),
+            reason: String::from_utf8_lossy(&close.reason).into_owned(),
+        },
+        other => NetError::ConnectionLost {
+            peer: peer.to_string(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+fn read_error(peer: &str, e: quinn::ReadError) -> NetError {
+    match e {
+        quinn::ReadError::ConnectionLost(c) => describe_close(peer, &c),
+        other => NetError::ConnectionLost {
+            peer: peer.to_string(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+fn write_error(peer: &str, e: quinn::WriteError) -> NetError {
+    match e {
+        quinn::WriteError::ConnectionLost(c) => describe_close(peer, &c),
+        other => NetError::ConnectionLost {
+            peer: peer.to_string(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// Sends every queued frame.
+async fn flush(
+    session: &mut Session,
+    send: &mut quinn::SendStream,
+    peer: &str,
+) -> Result<(), NetError> {
+    while let Some(frame) = session.poll_transmit() {
+        send.write_all(&frame)
+            .await
+            .map_err(|e| write_error(peer, e))?;
+    }
+    Ok(())
+}
+
+/// Drives one session over one bidirectional stream until it converges
+/// (one-shot) or the connection ends (live).
+#[allow(clippy::too_many_arguments)] // each argument is one distinct piece of the session's context
+async fn drive(
+    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    store: &mut Store,
+    peer: &PeerRow,
+    config: SessionConfig,
+    mut changes: Option<broadcast::Receiver<String>>,
+    log: &Logger,
+) -> Result<SessionStats, NetError> {
+    let name = peer.name.clone();
+    let mut session = Session::new(config);
+    let started = blocking(|| session.start(&mut PeerStore::new(store, peer)));
+    if let Err(source) = started {
+        return Err(NetError::Session { peer: name, source });
+    }
+    flush(&mut session, &mut send, &name).await?;
+
+    let mut buf = vec![0u8; READ_CHUNK_BYTES];
+    let mut we_finished = false;
+    let mut live = false;
+    let mut reported = SessionStats::default();
+    loop {
+        let stall = if we_finished {
+            Duration::from_millis(FINISH_TIMEOUT_MS)
+        } else if live {
+            // Live sessions are quiet for hours; QUIC's idle timeout and
+            // keep-alives decide when the link is gone.
+            Duration::from_secs(365 * 24 * 3600)
+        } else {
+            Duration::from_millis(SESSION_STALL_TIMEOUT_MS)
+        };
+        let step: Result<(), SessionError> = tokio::select! {
+            read = tokio::time::timeout(stall, recv.read(&mut buf)) => {
+                match read {
+                    Err(_) if we_finished => break,
+                    Err(_) => {
+                        conn.close(CLOSE_MISBEHAVED.into(), b"session stalled");
+                        return Err(NetError::Stalled { peer: name });
+                    }
+                    Ok(Err(e)) => return Err(read_error(&name, e)),
+                    Ok(Ok(Some(n))) => blocking(|| {
+                        session.handle_bytes(&buf[..n], &mut PeerStore::new(store, peer))
+                    }),
+                    Ok(Ok(None)) => {
+                        let r = session.handle_peer_finished();
+                        if r.is_ok() && we_finished {
+                            break;
+                        }
+                        if r.is_ok() {
+                            // Peer finished but we have not converged: the
+                            // session state machine decides; wait no more.
+                            return Err(NetError::ConnectionLost {
+                                peer: name,
+                                reason: "peer ended the session early".into(),
+                            });
+                        }
+                        r
+                    }
+                }
+            }
+            code = async {
+                match changes.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            }, if live => {
+                match code {
+                    Ok(code) => match CaseId::new(&code) {
+                        Ok(id) => blocking(|| {
+                            session.handle_local_change(&id, &mut PeerStore::new(store, peer))
+                        }),
+                        Err(_) => Ok(()),
+                    },
+                    // Lagged: some notifications were dropped. Nothing is
+                    // lost; they go out on the next session.
+                    Err(broadcast::error::RecvError::Lagged(_)) => Ok(()),
+                    Err(broadcast::error::RecvError::Closed) => {
+                        changes = None;
+                        Ok(())
+                    }
+                }
+            }
+        };
+        if let Err(source) = step {
+            // Tell the peer why before closing; best effort.
+            let _ = flush(&mut session, &mut send, &name).await;
+            let _ = send.finish();
+            let (code, reason) = if source.is_peer_fault() {
+                (CLOSE_MISBEHAVED, format!("misbehaving peer: {source}"))
+            } else {
+                (CLOSE_LOCAL_FAULT, source.to_string())
+            };
+            if !matches!(source, SessionError::PeerGoodbye { .. }) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            conn.close(code.into(), truncate(&reason).as_bytes());
+            return Err(NetError::Session { peer: name, source });
+        }
+        flush(&mut session, &mut send, &name).await?;
+        while let Some(event) = session.poll_event() {
+            match event {
+                Event::Connected { live: l, .. } => live = l,
+                Event::Quiescent if live => {
+                    let stats = session.stats();
+                    if stats.cases_sent != reported.cases_sent
+                        || stats.cases_received != reported.cases_received
+                    {
+                        log(&summary_line(&name, stats));
+                        reported = stats.clone();
+                    }
+                }
+                Event::Quiescent => {}
+                Event::Finished => {
+                    we_finished = true;
+                    let _ = send.finish();
+                }
+            }
+        }
+    }
+    Ok(session.stats().clone())
+}
+
+/// Close reasons travel in one QUIC frame; keep them short.
+fn truncate(s: &str) -> String {
+    s.chars().take(400).collect()
+}
+
+/// Options for an outgoing sync.
+pub struct SyncOptions {
+    /// Stay connected and push live edits.
+    pub live: bool,
+    /// Local change notifications (needed when `live`).
+    pub changes: Option<broadcast::Receiver<String>>,
+    /// Progress lines.
+    pub log: Logger,
+}
+
+/// Connects to `peer`, checks it is the node we pinned, and runs a session.
+pub async fn sync_with(
+    home: &Path,
+    peer: &PeerRow,
+    opts: SyncOptions,
+) -> Result<SyncReport, NetError> {
+    let identity = Identity::load(home)?;
+    let addr_text = peer
+        .addr
+        .clone()
+        .ok_or_else(|| NetError::NoAddress(peer.name.clone()))?;
+    let addr = tokio::net::lookup_host(&addr_text)
+        .await
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| NetError::BadAddress {
+            peer: peer.name.clone(),
+            addr: addr_text.clone(),
+        })?;
+    let bind: SocketAddr = if addr.is_ipv6() {
+        "[::]:0".parse().expect("literal")
+    } else {
+        "0.0.0.0:0".parse().expect("literal")
+    };
+    let mut endpoint =
+        quinn::Endpoint::client(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
+    endpoint.set_default_client_config(identity::client_config(&identity)?);
+    let unreachable = |reason: String| NetError::Unreachable {
+        peer: peer.name.clone(),
+        addr,
+        reason,
+    };
+    let connecting = endpoint
+        .connect(addr, identity::SERVER_NAME)
+        .map_err(|e| unreachable(e.to_string()))?;
+    let conn =
+        match tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connecting).await {
+            Err(_) => return Err(unreachable("no answer (timed out)".into())),
+            Ok(Err(quinn::ConnectionError::ApplicationClosed(close))) => {
+                return Err(NetError::Refused {
+                    peer: peer.name.clone(),
+                    reason: String::from_utf8_lossy(&close.reason).into_owned(),
+                })
+            }
+            Ok(Err(e)) => return Err(unreachable(e.to_string())),
+            Ok(Ok(conn)) => conn,
+        };
+    let got = identity::peer_node_id(&conn)?;
+    if got.to_string() != peer.node_id {
+        let reason = format!(
+            "you are {got}, but this node expected {} ('{}')",
+            peer.node_id, peer.name
+        );
+        conn.close(CLOSE_WRONG_PEER.into(), truncate(&reason).as_bytes());
+        return Err(NetError::WrongPeer {
+            peer: peer.name.clone(),
+            addr,
+            expected: peer.node_id.clone(),
+            got: got.to_string(),
+        });
+    }
+    let result = async {
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| describe_close(&peer.name, &e))?;
+        let mut store = open_store(home)?;
+        let config = SessionConfig {
+            live: opts.live,
+            ..SessionConfig::default()
+        };
+        let stats = drive(
+            &conn,
+            send,
+            recv,
+            &mut store,
+            peer,
+            config,
+            opts.changes,
+            &opts.log,
+        )
+        .await?;
+        let seq = store.update_seq()?;
+        store.record_sync(&peer.node_id, now_ms(), seq)?;
+        Ok::<_, NetError>(stats)
+    }
+    .await;
+    match &result {
+        Ok(_) => conn.close(CLOSE_DONE.into(), b"done"),
+        Err(e) => conn.close(
+            CLOSE_LOCAL_FAULT.into(),
+            truncate(&e.to_string()).as_bytes(),
+        ),
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    result.map(|stats| SyncReport {
+        peer: peer.name.clone(),
+        stats,
+    })
+}
+
+/// Keeps syncing with `peer` in live mode, reconnecting with exponential
+/// backoff (with jitter) while it is unreachable, until `shutdown` fires.
+pub async fn watch(
+    home: PathBuf,
+    peer: PeerRow,
+    changes: broadcast::Sender<String>,
+    log: Logger,
+    mut shutdown: broadcast::Receiver<()>,
+) {
+    let mut backoff_ms = BACKOFF_MIN_MS;
+    loop {
+        let opts = SyncOptions {
+            live: true,
+            changes: Some(changes.subscribe()),
+            log: log.clone(),
+        };
+        let started = std::time::Instant::now();
+        tokio::select! {
+            result = sync_with(&home, &peer, opts) => {
+                match result {
+                    Ok(report) => log(&report.summary()),
+                    Err(e) => log(&format!("{e}; retrying in {:.1} s", backoff_ms as f64 / 1000.0)),
+                }
+            }
+            _ = shutdown.recv() => return,
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            // A session that lasted was a good link: start over gently.
+            backoff_ms = BACKOFF_MIN_MS;
+        }
+        let jitter = (now_ms() as u64) % (backoff_ms / 4 + 1);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(backoff_ms + jitter)) => {}
+            _ = shutdown.recv() => return,
+        }
+        backoff_ms = (backoff_ms * 2).min(BACKOFF_MAX_MS);
+    }
+}
+
+/// A listening node.
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    home: PathBuf,
+    name: String,
+    log: Logger,
+    changes: broadcast::Sender<String>,
+    _listener: Option<ChangeListener>,
+}
+
+impl Server {
+    /// Binds the QUIC endpoint. Must run inside a tokio runtime.
+    pub fn bind(home: &Path, addr: SocketAddr, log: Logger) -> Result<Server, NetError> {
+        let identity = Identity::load(home)?;
+        let config = identity::server_config(&identity)?;
+        let endpoint = quinn::Endpoint::server(config, addr)
+            .map_err(|source| NetError::Bind { addr, source })?;
+        let (changes, _) = broadcast::channel(CHANNEL_CAPACITY);
+        let listener = ChangeListener::bind(home, changes.clone()).ok();
+        Ok(Server {
+            endpoint,
+            home: home.to_path_buf(),
+            name: identity.name().to_string(),
+            log,
+            changes,
+            _listener: listener,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, NetError> {
+        self.endpoint.local_addr().map_err(|source| NetError::Bind {
+            addr: "0.0.0.0:0".parse().expect("literal"),
+            source,
+        })
+    }
+
+    /// Accepts connections until `shutdown` resolves, then closes every
+    /// connection and waits (bounded) for them to finish.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), NetError> {
+        let limit = Arc::new(tokio::sync::Semaphore::new(
+            identity::INCOMING_CONNECTIONS_MAX,
+        ));
+        let mut tasks = tokio::task::JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let Ok(permit) = limit.clone().try_acquire_owned() else {
+                        incoming.refuse();
+                        (self.log)("refused a connection: too many connections");
+                        continue;
+                    };
+                    let home = self.home.clone();
+                    let log = self.log.clone();
+                    let name = self.name.clone();
+                    let changes = self.changes.subscribe();
+                    tasks.spawn(async move {
+                        handle_incoming(incoming, home, name, log, changes).await;
+                        drop(permit);
+                    });
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = &mut shutdown => break,
+            }
+        }
+        self.endpoint
+            .close(CLOSE_SHUTDOWN.into(), b"server shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        Ok(())
+    }
+}
+
+async fn handle_incoming(
+    incoming: quinn::Incoming,
+    home: PathBuf,
+    our_name: String,
+    log: Logger,
+    changes: broadcast::Receiver<String>,
+) {
+    let remote = incoming.remote_address();
+    let conn = match tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), incoming).await
+    {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            log(&format!("handshake with {remote} failed: {e}"));
+            return;
+        }
+        Err(_) => {
+            log(&format!("handshake with {remote} timed out"));
+            return;
+        }
+    };
+    let peer_id: NodeId = match identity::peer_node_id(&conn) {
+        Ok(id) => id,
+        Err(e) => {
+            conn.close(CLOSE_UNTRUSTED.into(), b"no usable certificate");
+            log(&format!("refused {remote}: {e}"));
+            return;
+        }
+    };
+    let result = async {
+        let mut store = open_store(&home)?;
+        let Some(peer) = blocking(|| store.peer_by_id(&peer_id.to_string()))? else {
+            let claimed = identity::peer_name(&conn).unwrap_or_else(|| "?".into());
+            let reason = format!(
+                "node {peer_id} is not trusted by '{our_name}'; on '{our_name}' run: \
+                 fieldcase peer add {peer_id} --name NAME"
+            );
+            conn.close(CLOSE_UNTRUSTED.into(), truncate(&reason).as_bytes());
+            log(&format!(
+                "refused untrusted node {peer_id} (calls itself '{claimed}') from {remote}: not on the trust list"
+            ));
+            return Ok(None);
+        };
+        log(&format!("{} ({peer_id}) connected from {remote}", peer.name));
+        let (send, recv) = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), conn.accept_bi())
+            .await
+            .map_err(|_| NetError::Stalled { peer: peer.name.clone() })?
+            .map_err(|e| describe_close(&peer.name, &e))?;
+        let stats = drive(
+            &conn,
+            send,
+            recv,
+            &mut store,
+            &peer,
+            SessionConfig::default(),
+            Some(changes),
+            &log,
+        )
+        .await?;
+        let seq = store.update_seq()?;
+        store.record_sync(&peer.node_id, now_ms(), seq)?;
+        Ok::<_, NetError>(Some(SyncReport { peer: peer.name.clone(), stats }))
+    }
+    .await;
+    match result {
+        Ok(Some(report)) => {
+            log(&report.summary());
+            // The client closes once it has our last frames.
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        }
+        Ok(None) => {}
+        Err(e) if e.is_peer_fault() => {
+            log(&format!("closed connection from misbehaving peer: {e}"))
+        }
+        Err(e) => log(&format!("session ended: {e}")),
+    }
+}
