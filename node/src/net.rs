@@ -455,16 +455,38 @@ async fn drive(
         while let Some(event) = session.poll_event() {
             match event {
                 Event::Connected { live: l, .. } => live = l,
-                Event::Quiescent if live => {
+                Event::Quiescent => {
+                    // Converged: everything both sides hold is durable on
+                    // both sides, so this is a successful sync to record.
+                    blocking(|| {
+                        let seq = store.update_seq()?;
+                        store.record_sync(&peer.node_id, now_ms(), seq)
+                    })?;
                     let stats = session.stats();
-                    if stats.cases_sent != reported.cases_sent
-                        || stats.cases_received != reported.cases_received
+                    if live
+                        && (stats.cases_sent != reported.cases_sent
+                            || stats.cases_received != reported.cases_received)
                     {
-                        log(&summary_line(&name, stats));
+                        // Report only what this round moved, not the
+                        // running total of a session that lasts all day.
+                        let delta = SessionStats {
+                            cases_sent: stats
+                                .cases_sent
+                                .difference(&reported.cases_sent)
+                                .cloned()
+                                .collect(),
+                            cases_received: stats
+                                .cases_received
+                                .difference(&reported.cases_received)
+                                .cloned()
+                                .collect(),
+                            new_conflicts: stats.new_conflicts - reported.new_conflicts,
+                            ..SessionStats::default()
+                        };
+                        log(&summary_line(&name, &delta));
                         reported = stats.clone();
                     }
                 }
-                Event::Quiescent => {}
                 Event::Finished => {
                     we_finished = true;
                     let _ = send.finish();
@@ -561,7 +583,7 @@ pub async fn sync_with(
             live: opts.live,
             ..SessionConfig::default()
         };
-        let stats = drive(
+        drive(
             &conn,
             send,
             recv,
@@ -571,10 +593,7 @@ pub async fn sync_with(
             opts.changes,
             &opts.log,
         )
-        .await?;
-        let seq = store.update_seq()?;
-        store.record_sync(&peer.node_id, now_ms(), seq)?;
-        Ok::<_, NetError>(stats)
+        .await
     }
     .await;
     match &result {
@@ -769,8 +788,6 @@ async fn handle_incoming(
             &log,
         )
         .await?;
-        let seq = store.update_seq()?;
-        store.record_sync(&peer.node_id, now_ms(), seq)?;
         Ok::<_, NetError>(Some(SyncReport { peer: peer.name.clone(), stats }))
     }
     .await;
