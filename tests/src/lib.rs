@@ -6,6 +6,8 @@
 //! serve` processes on loopback QUIC. Every wait is bounded: a command that
 //! runs longer than [`COMMAND_TIMEOUT`] is killed and the test fails.
 
+pub mod relay;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

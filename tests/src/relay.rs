@@ -1,0 +1,1 @@
+//! A user-space UDP relay that impairs a link between two QUIC endpoints.
