@@ -59,6 +59,10 @@ pub struct SessionConfig {
     pub version_min: u16,
     /// Newest protocol version to speak.
     pub version_max: u16,
+    /// The caller fetches attachments after the case records converge and
+    /// calls [`Session::handle_local_blobs_done`] when finished. Without
+    /// it, this side announces at once that it fetches nothing.
+    pub blob_transfer: bool,
 }
 
 impl Default for SessionConfig {
@@ -67,6 +71,7 @@ impl Default for SessionConfig {
             live: false,
             version_min: PROTOCOL_VERSION_MIN,
             version_max: PROTOCOL_VERSION,
+            blob_transfer: false,
         }
     }
 }
@@ -247,6 +252,10 @@ pub struct Session {
     peer_idle: Option<(u64, u64)>,
     /// The (received, sent) state at which we last reported quiescence.
     quiescent_at: Option<(u64, u64)>,
+    /// We told the peer we fetched every blob we wanted.
+    local_blobs_done: bool,
+    /// The peer told us the same.
+    peer_blobs_done: bool,
     stats: SessionStats,
 }
 
@@ -271,6 +280,8 @@ impl Session {
             last_idle_sent: None,
             peer_idle: None,
             quiescent_at: None,
+            local_blobs_done: false,
+            peer_blobs_done: false,
             stats: SessionStats::default(),
         }
     }
@@ -437,6 +448,10 @@ impl Session {
                 self.peer_idle = Some((received, sent));
                 Ok(())
             }
+            (Phase::Sync, Message::BlobsDone) => {
+                self.peer_blobs_done = true;
+                Ok(())
+            }
             (phase, msg) => Err(SessionError::Protocol(format!(
                 "unexpected {} message in phase {phase:?}",
                 msg.kind()
@@ -540,6 +555,10 @@ impl Session {
         store: &mut dyn CaseStore,
     ) -> Result<(), SessionError> {
         self.phase = Phase::Sync;
+        if !self.config.blob_transfer {
+            self.local_blobs_done = true;
+            self.send(Message::BlobsDone);
+        }
         cases.extend(std::mem::take(&mut self.pending_local));
         cases.sort();
         cases.dedup();
@@ -661,16 +680,28 @@ impl Session {
                 sent: counts.1,
             });
         }
-        if self.peer_idle == Some((self.data_sent, self.data_received))
-            && self.quiescent_at != Some(counts)
-        {
+        let converged = self.peer_idle == Some((self.data_sent, self.data_received));
+        if converged && self.quiescent_at != Some(counts) {
             self.quiescent_at = Some(counts);
             self.events.push_back(Event::Quiescent);
-            if !self.live {
-                self.phase = Phase::Finished;
-                self.events.push_back(Event::Finished);
-            }
+        }
+        if converged && !self.live && self.local_blobs_done && self.peer_blobs_done {
+            self.phase = Phase::Finished;
+            self.events.push_back(Event::Finished);
         }
         Ok(())
+    }
+
+    /// The caller finished fetching the attachments it wanted from this
+    /// peer. A one-shot session finishes once both sides said so and the
+    /// case records are converged.
+    pub fn handle_local_blobs_done(&mut self) -> Result<(), SessionError> {
+        if self.phase != Phase::Sync || self.local_blobs_done {
+            return Ok(());
+        }
+        self.local_blobs_done = true;
+        self.send(Message::BlobsDone);
+        let result = self.after_input();
+        self.fail_on_err(result)
     }
 }

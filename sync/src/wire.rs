@@ -166,6 +166,32 @@ pub enum Message {
     },
     /// The sender ends the session.
     Goodbye(Goodbye),
+    /// On the control stream: the sender has fetched every attachment it
+    /// wanted from this peer (or fetches none). A one-shot session ends only
+    /// when both sides said so, so neither closes while the other still
+    /// downloads.
+    BlobsDone,
+    /// First frame of a blob stream: "send me the bytes of this blob from
+    /// this offset". The offset is how a cut transfer resumes.
+    BlobRequest {
+        /// BLAKE3 hash of the blob.
+        hash: [u8; 32],
+        /// First byte wanted.
+        offset: u64,
+    },
+    /// Answer to a [`Message::BlobRequest`]; exactly `size - offset` raw
+    /// bytes follow on the stream, unframed, then the stream finishes.
+    BlobHeader {
+        /// Total size of the blob.
+        size: u64,
+        /// First byte that follows (echoes the request).
+        offset: u64,
+    },
+    /// Answer to a [`Message::BlobRequest`] the sender cannot serve.
+    BlobUnavailable {
+        /// Why, for a person.
+        reason: String,
+    },
 }
 
 const TAG_HELLO: u8 = 1;
@@ -174,6 +200,10 @@ const TAG_INVENTORY: u8 = 3;
 const TAG_CASE_SYNC: u8 = 4;
 const TAG_IDLE: u8 = 5;
 const TAG_GOODBYE: u8 = 6;
+const TAG_BLOBS_DONE: u8 = 7;
+const TAG_BLOB_REQUEST: u8 = 8;
+const TAG_BLOB_HEADER: u8 = 9;
+const TAG_BLOB_UNAVAILABLE: u8 = 10;
 
 /// Why a frame payload is not a valid message.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -255,6 +285,21 @@ impl Message {
                 w.extend_from_slice(&(reason.len() as u16).to_be_bytes());
                 w.extend_from_slice(reason.as_bytes());
             }
+            Message::BlobsDone => w.push(TAG_BLOBS_DONE),
+            Message::BlobRequest { hash, offset } => {
+                w.push(TAG_BLOB_REQUEST);
+                w.extend_from_slice(hash);
+                put_varint(&mut w, *offset);
+            }
+            Message::BlobHeader { size, offset } => {
+                w.push(TAG_BLOB_HEADER);
+                put_varint(&mut w, *size);
+                put_varint(&mut w, *offset);
+            }
+            Message::BlobUnavailable { reason } => {
+                w.push(TAG_BLOB_UNAVAILABLE);
+                put_bytes(&mut w, truncate_utf8(reason, REASON_BYTES_MAX).as_bytes());
+            }
         }
         w
     }
@@ -332,6 +377,32 @@ impl Message {
                 r.buf = &[];
                 Message::Goodbye(Goodbye { code, reason })
             }
+            TAG_BLOBS_DONE => Message::BlobsDone,
+            TAG_BLOB_REQUEST => {
+                let mut hash = [0u8; 32];
+                hash.copy_from_slice(r.take(32)?);
+                Message::BlobRequest {
+                    hash,
+                    offset: r.varint()?,
+                }
+            }
+            TAG_BLOB_HEADER => Message::BlobHeader {
+                size: r.varint()?,
+                offset: r.varint()?,
+            },
+            TAG_BLOB_UNAVAILABLE => {
+                let b = r.bytes()?;
+                if b.len() > REASON_BYTES_MAX {
+                    return Err(DecodeError::OverLimit {
+                        what: "blob unavailable reason",
+                        limit: REASON_BYTES_MAX,
+                    });
+                }
+                let reason = std::str::from_utf8(b)
+                    .map_err(|_| DecodeError::BadUtf8)?
+                    .to_string();
+                Message::BlobUnavailable { reason }
+            }
             tag => return Err(DecodeError::UnknownTag(tag)),
         };
         if !r.buf.is_empty() {
@@ -349,6 +420,10 @@ impl Message {
             Message::CaseSync { .. } => "case-sync",
             Message::Idle { .. } => "idle",
             Message::Goodbye(_) => "goodbye",
+            Message::BlobsDone => "blobs-done",
+            Message::BlobRequest { .. } => "blob-request",
+            Message::BlobHeader { .. } => "blob-header",
+            Message::BlobUnavailable { .. } => "blob-unavailable",
         }
     }
 }

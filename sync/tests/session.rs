@@ -136,8 +136,9 @@ fn a_reconnect_with_nothing_changed_sends_no_per_case_message() {
     for s in [&l, &c] {
         assert_eq!(s.stats().case_messages_sent, 0);
         assert_eq!(s.stats().case_messages_received, 0);
-        // Hello, digest and one idle each: nothing grows with the number of cases.
-        assert_eq!(s.stats().frames_sent, 3);
+        // Hello, digest, blobs-done and one idle each: nothing grows with
+        // the number of cases.
+        assert_eq!(s.stats().frames_sent, 4);
     }
 }
 
@@ -374,4 +375,42 @@ fn a_full_disk_stops_the_session_as_a_local_fault_and_acknowledges_nothing() {
     // The next attempt, with the disk fixed, converges.
     sync_once(&mut laptop, &mut center);
     assert_eq!(center.docs.len(), 1);
+}
+
+#[test]
+fn a_one_shot_session_waits_until_both_sides_fetched_their_attachments() {
+    let mut laptop = MemoryNode::default();
+    let mut center = MemoryNode::default();
+    laptop
+        .docs
+        .insert(id("LAP-1"), new_case(1, "LAP-1", "0901"));
+    let with_blobs = SessionConfig {
+        blob_transfer: true,
+        ..SessionConfig::default()
+    };
+    let mut l = start(&mut laptop, "right", with_blobs.clone());
+    let mut c = start(&mut center, "left", with_blobs);
+    pump((&mut l, &mut laptop), (&mut c, &mut center), usize::MAX).unwrap();
+    // Case records converged first; neither side may close yet.
+    assert_eq!(center.docs.len(), 1);
+    assert!(!l.is_finished() && !c.is_finished());
+    assert_eq!(
+        l.poll_event(),
+        Some(Event::Connected {
+            version: 1,
+            live: false
+        })
+    );
+    assert_eq!(l.poll_event(), Some(Event::Quiescent));
+
+    l.handle_local_blobs_done().unwrap();
+    pump((&mut l, &mut laptop), (&mut c, &mut center), usize::MAX).unwrap();
+    assert!(
+        !l.is_finished() && !c.is_finished(),
+        "the center still downloads"
+    );
+
+    c.handle_local_blobs_done().unwrap();
+    pump((&mut l, &mut laptop), (&mut c, &mut center), usize::MAX).unwrap();
+    assert!(l.is_finished() && c.is_finished());
 }

@@ -29,6 +29,12 @@ fn message() -> impl Strategy<Value = Message> {
         (case_id(), prop::collection::vec(any::<u8>(), 0..2000))
             .prop_map(|(case, data)| Message::CaseSync { case, data }),
         (any::<u64>(), any::<u64>()).prop_map(|(received, sent)| Message::Idle { received, sent }),
+        Just(Message::BlobsDone),
+        (any::<[u8; 32]>(), any::<u64>())
+            .prop_map(|(hash, offset)| Message::BlobRequest { hash, offset }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(size, offset)| Message::BlobHeader { size, offset }),
+        "[ -~]{0,200}".prop_map(|reason| Message::BlobUnavailable { reason }),
         (1u16..=3, "[ -~]{0,200}").prop_map(|(code, reason)| Message::Goodbye(Goodbye {
             code: match code {
                 1 => GoodbyeCode::VersionMismatch,
