@@ -448,26 +448,34 @@ impl Server {
 
     /// Waits (bounded) until a stdout line satisfies `pred`; returns it.
     pub fn wait_for_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(l) = self
-                .lines
-                .lock()
-                .expect("lock")
-                .iter()
-                .find(|l| pred(l))
-                .cloned()
-            {
-                return Ok(l);
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "server printed no matching line within {timeout:?}:\n{}",
-                    self.log()
-                );
-            }
-            thread::sleep(POLL);
-        }
+        poll_until(timeout, "server log line", || {
+            Ok(self.lines().into_iter().find(|l| pred(l)))
+        })
+        .with_context(|| format!("server log so far:\n{}", self.log()))
+    }
+
+    /// Waits (bounded) until at least `n` stdout lines satisfy `pred`.
+    pub fn wait_for_count(
+        &self,
+        timeout: Duration,
+        n: usize,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<()> {
+        poll_until(timeout, "server log lines", || {
+            Ok((self.lines().iter().filter(|l| pred(l)).count() >= n).then_some(()))
+        })
+        .with_context(|| {
+            format!(
+                "expected {n} matching lines; server log so far:\n{}",
+                self.log()
+            )
+        })
+    }
+
+    /// A copy of the stdout lines so far (the lock is not held afterwards,
+    /// so predicates may call back into the server).
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lock").clone()
     }
 
     /// True while the process has not exited.
