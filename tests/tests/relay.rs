@@ -675,34 +675,3 @@ async fn a_quic_transfer_completes_over_village_3g() -> Result<()> {
     relay.stop().await;
     Ok(())
 }
-
-/// Not a check: how long a 256 KB echo takes over each named profile.
-/// Run with `cargo test -p fieldcase-tests --test relay -- --ignored
-/// --nocapture`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
-async fn measure_profiles() -> Result<()> {
-    for name in ["good-wifi", "village-3g", "edge-of-coverage"] {
-        let server = EchoServer::start()?;
-        let profile = LinkProfile::by_name(name).expect("named");
-        let relay = Relay::start(server.addr, profile, 21).await?;
-        let data = payload(256 * 1024, 21);
-        let started = Instant::now();
-        let r = timeout(Duration::from_secs(120), echo_through(relay.addr(), &data)).await;
-        let took = started.elapsed();
-        let stats = relay.stats();
-        match r {
-            Ok(Ok(back)) if back == data => eprintln!("{name}: 256 KB echo in {took:?}"),
-            other => eprintln!(
-                "{name}: failed after {took:?}: {:?}",
-                other.map(|r| r.map(|b| b.len()))
-            ),
-        }
-        eprintln!(
-            "  to_server {:?}\n  to_client {:?}",
-            stats.to_server, stats.to_client
-        );
-        relay.stop().await;
-    }
-    Ok(())
-}
