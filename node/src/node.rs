@@ -123,18 +123,30 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Projects a case document for the store's listing columns, refusing
-/// documents that are not well-formed cases.
+/// Projects a case document for the store's listing columns and blob
+/// references (its attachments' `(hash, size)`, deduplicated, sorted by
+/// hash), refusing documents that are not well-formed cases.
 pub fn project(doc: &Automerge) -> Result<Projection, String> {
-    let p = case::projection(doc).map_err(|e| e.to_string())?;
+    let v = case::view(doc).map_err(|e| e.to_string())?;
+    let mut blobs: Vec<crate::store::BlobRef> = v
+        .attachments
+        .into_iter()
+        .map(|a| crate::store::BlobRef {
+            hash: a.hash,
+            size: a.size,
+        })
+        .collect();
+    blobs.sort();
+    blobs.dedup();
     Ok(Projection {
-        procedure: p.procedure,
-        status: p.status.as_str().to_string(),
-        village: p.village,
-        applicant: p.applicant,
-        due_date: p.due_date,
-        updated_at_ms: p.updated_at_ms,
-        conflicts: p.conflicts as i64,
+        procedure: v.procedure,
+        status: v.status.as_str().to_string(),
+        village: v.applicant.village,
+        applicant: v.applicant.name,
+        due_date: v.due_date,
+        updated_at_ms: v.updated_at_ms,
+        conflicts: v.conflicts.len() as i64,
+        blobs,
     })
 }
 

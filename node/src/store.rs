@@ -20,7 +20,7 @@
 //!   it describes: both are written in the same transaction;
 //! - panic on anything read from disk or received from a peer.
 //!
-//! # Schema (version 1, `PRAGMA user_version`)
+//! # Schema (version 2, `PRAGMA user_version`)
 //!
 //! - `meta(key, value)`: free-form node settings (node name, role, ...).
 //! - `counters(name, value)`: integer counters that must survive crashes:
@@ -41,6 +41,14 @@
 //! - `peer_case_state(peer, code, sync_state)`: encoded Automerge
 //!   `sync::State` per peer and case. No foreign keys: the sync layer may
 //!   record state for a case it has not received yet.
+//! - `case_blobs(code, hash, size)` (since version 2): the blobs (attachment
+//!   files, by BLAKE3 hash) each case refers to, from
+//!   [`Projection::blobs`]. Rewritten in the same transaction as the other
+//!   projection columns on every write, so "which blobs do I lack" and "may
+//!   I serve this blob" never load a document. Indexed by hash.
+//!
+//! Version 1 databases are migrated on open: the table is created and
+//! filled by re-projecting every stored case, in one transaction.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -60,7 +68,7 @@ pub const COMPACT_THRESHOLD: usize = 32;
 pub const BUSY_TIMEOUT_MS: u64 = 5_000;
 
 /// Schema version written to `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Longest accepted case code, in bytes. Codes arrive from peers; the bound
 /// keeps a hostile or buggy peer from filling indexes with huge keys.
@@ -75,6 +83,17 @@ const HASH_BYTES: usize = 32;
 /// Computes the listing fields of a case from its document. It doubles as a
 /// validator: a document it refuses is never stored.
 pub type Projector = fn(&Automerge) -> Result<Projection, String>;
+
+/// A blob (attachment file) a case refers to. The size is part of the
+/// identity: two documents may claim different sizes for one hash, and only
+/// the bytes can tell which is right.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BlobRef {
+    /// BLAKE3 hash of the bytes, 64 lowercase hex characters.
+    pub hash: String,
+    /// Length of the bytes.
+    pub size: u64,
+}
 
 /// Fields of a case kept in plain columns for listing and filtering.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -93,6 +112,11 @@ pub struct Projection {
     pub updated_at_ms: i64,
     /// Number of fields with concurrent conflicting values.
     pub conflicts: i64,
+    /// Blobs the case refers to, kept in the `case_blobs` table. The store
+    /// refuses a projection that gives one hash two sizes or a malformed
+    /// hash; exact repeats are merged. Read back (in [`Store::list`])
+    /// sorted by hash.
+    pub blobs: Vec<BlobRef>,
 }
 
 /// Optional equality filters for [`Store::list`]; `None` matches anything.
@@ -417,10 +441,92 @@ fn bump_update_seq(conn: &Connection, path: &Path) -> Result<i64, StoreError> {
     })
 }
 
+/// Is `h` 64 lowercase hex characters (a BLAKE3 hash as text)?
+fn is_blob_hash(h: &str) -> bool {
+    h.len() == 64
+        && h.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Runs the projector and checks its blob list can be stored: well-formed
+/// hashes, sizes that fit SQLite's integers, one size per hash. Exact
+/// repeats are merged and the list is sorted by hash, the order it is read
+/// back in.
+fn project(projector: Projector, doc: &Automerge) -> Result<Projection, String> {
+    let mut p = projector(doc)?;
+    p.blobs.sort();
+    p.blobs.dedup();
+    for (i, b) in p.blobs.iter().enumerate() {
+        if !is_blob_hash(&b.hash) {
+            return Err(format!(
+                "blob hash {:?} is not 64 lowercase hex characters",
+                b.hash.chars().take(80).collect::<String>()
+            ));
+        }
+        if i64::try_from(b.size).is_err() {
+            return Err(format!("blob {} has an impossible size {}", b.hash, b.size));
+        }
+        if i > 0 && p.blobs[i - 1].hash == b.hash {
+            return Err(format!(
+                "blob {} is listed with two different sizes",
+                b.hash
+            ));
+        }
+    }
+    Ok(p)
+}
+
+/// Replaces the `case_blobs` rows of `code` with `blobs` (already checked
+/// by [`project`]).
+fn write_blobs(
+    conn: &Connection,
+    path: &Path,
+    code: &str,
+    blobs: &[BlobRef],
+) -> Result<(), StoreError> {
+    let sql = |e| classify(e, path);
+    conn.execute("DELETE FROM case_blobs WHERE code = ?1", [code])
+        .map_err(sql)?;
+    let mut stmt = conn
+        .prepare_cached("INSERT INTO case_blobs (code, hash, size) VALUES (?1, ?2, ?3)")
+        .map_err(sql)?;
+    for b in blobs {
+        stmt.execute(params![code, b.hash, to_i64(b.size, "blob size")?])
+            .map_err(sql)?;
+    }
+    Ok(())
+}
+
+/// Fills `case_blobs` for every stored case (migration to version 2).
+/// A case that cannot be loaded or projected is skipped: it is reported
+/// when someone opens it, and gets its rows on its next successful write.
+/// Database failures abort the migration.
+fn backfill_blobs(conn: &Connection, path: &Path, projector: Projector) -> Result<(), StoreError> {
+    let sql = |e| classify(e, path);
+    let codes: Vec<String> = {
+        let mut stmt = conn
+            .prepare("SELECT code FROM cases ORDER BY code")
+            .map_err(sql)?;
+        let rows = stmt.query_map([], |r| r.get(0)).map_err(sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)?
+    };
+    for code in codes {
+        let doc = match load_doc(conn, path, &code) {
+            Ok(Some(loaded)) => loaded.doc,
+            Ok(None) | Err(StoreError::CorruptCase { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        if let Ok(p) = project(projector, &doc) {
+            write_blobs(conn, path, &code, &p.blobs)?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes `doc` for `code` inside the caller's transaction. `prev` is the
 /// stored state it was derived from, or `None` for a new case. Appends the
 /// incremental chunk, or rewrites the snapshot when the chunk count passes
-/// [`COMPACT_THRESHOLD`].
+/// [`COMPACT_THRESHOLD`]. Rewrites the case's `case_blobs` rows.
 fn write_case(
     conn: &Connection,
     path: &Path,
@@ -490,7 +596,7 @@ fn write_case(
             .map_err(sql)?;
         }
     }
-    Ok(())
+    write_blobs(conn, path, code, &p.blobs)
 }
 
 fn put_sync_state(
@@ -559,6 +665,18 @@ CREATE TABLE peer_case_state (
 PRAGMA user_version = 1;
 ";
 
+/// Version 1 -> 2: blob references per case (filled by [`backfill_blobs`]).
+const SCHEMA_V2: &str = "
+CREATE TABLE case_blobs (
+    code TEXT NOT NULL REFERENCES cases (code) ON DELETE CASCADE,
+    hash TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (code, hash)
+) WITHOUT ROWID;
+CREATE INDEX case_blobs_hash ON case_blobs (hash);
+PRAGMA user_version = 2;
+";
+
 /// The node's database. One per process; not shared between threads
 /// (wrap it in a mutex or give it to one task).
 pub struct Store {
@@ -623,40 +741,49 @@ impl Store {
         Ok(store)
     }
 
-    /// Creates the schema on a fresh file. The version is re-read inside
-    /// an IMMEDIATE transaction so two processes opening a new file at the
-    /// same moment cannot both create it.
+    /// Creates the schema on a fresh file, or upgrades an older one, step
+    /// by step, in one transaction. The version is re-read inside an
+    /// IMMEDIATE transaction so two processes opening a file at the same
+    /// moment cannot both create or upgrade it.
     fn migrate(&mut self) -> Result<(), StoreError> {
         let path = self.path.clone();
+        let projector = self.projector;
         let sql = |e| classify(e, &path);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql)?;
-        let version: i64 = tx
+        let found: i64 = tx
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(sql)?;
-        match version {
-            0 => {
-                let tables: i64 = tx
-                    .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
-                    .map_err(sql)?;
-                if tables != 0 {
-                    // Some other application's database: do not scribble on it.
-                    return Err(StoreError::Corrupt { path: path.clone() });
-                }
-                tx.execute_batch(SCHEMA_V1).map_err(sql)?;
-                tx.commit().map_err(sql)?;
-                Ok(())
-            }
-            SCHEMA_VERSION => Ok(()),
-            found if found > SCHEMA_VERSION => Err(StoreError::TooNew {
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::TooNew {
                 path: path.clone(),
                 found,
                 supported: SCHEMA_VERSION,
-            }),
-            _ => Err(StoreError::Corrupt { path: path.clone() }),
+            });
         }
+        if found < 0 {
+            return Err(StoreError::Corrupt { path: path.clone() });
+        }
+        if found == SCHEMA_VERSION {
+            return Ok(());
+        }
+        if found == 0 {
+            let tables: i64 = tx
+                .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+                .map_err(sql)?;
+            if tables != 0 {
+                // Some other application's database: do not scribble on it.
+                return Err(StoreError::Corrupt { path: path.clone() });
+            }
+            tx.execute_batch(SCHEMA_V1).map_err(sql)?;
+        }
+        // Now at version 1.
+        tx.execute_batch(SCHEMA_V2).map_err(sql)?;
+        backfill_blobs(&tx, &path, projector)?;
+        tx.commit().map_err(sql)?;
+        Ok(())
     }
 
     /// The database file path.
@@ -725,7 +852,7 @@ impl Store {
         if exists.is_some() {
             return Err(CreateError::Exists(code));
         }
-        let projection = (self.projector)(&doc).map_err(CreateError::Rejected)?;
+        let projection = project(self.projector, &doc).map_err(CreateError::Rejected)?;
         tx.execute(
             "UPDATE counters SET value = ?1 WHERE name = 'next_case_seq'",
             [seq + 1],
@@ -763,7 +890,7 @@ impl Store {
         } = load_doc(&tx, &path, code)?.ok_or_else(|| UpdateError::NotFound(code.to_string()))?;
         let value = f(&mut doc).map_err(UpdateError::Op)?;
         if sorted_heads(&doc) != heads {
-            let projection = (self.projector)(&doc).map_err(UpdateError::Rejected)?;
+            let projection = project(self.projector, &doc).map_err(UpdateError::Rejected)?;
             let prev = Prev {
                 heads: &heads,
                 chunks,
@@ -840,7 +967,7 @@ impl Store {
             )));
         }
         if changed {
-            let projection = (self.projector)(&doc).map_err(MergeError::Rejected)?;
+            let projection = project(self.projector, &doc).map_err(MergeError::Rejected)?;
             let prev = (!created).then_some(Prev {
                 heads: &before,
                 chunks,
@@ -932,6 +1059,7 @@ impl Store {
                             due_date: r.get(5)?,
                             updated_at_ms: r.get(6)?,
                             conflicts: r.get(7)?,
+                            blobs: Vec::new(),
                         },
                         update_seq: 0,
                     },
@@ -943,9 +1071,74 @@ impl Store {
         for row in rows {
             let (mut case, seq) = row.map_err(self.sql())?;
             case.update_seq = to_u64(seq, &self.path)?;
+            case.projection.blobs = self.case_blobs(&case.code)?;
             out.push(case);
         }
         Ok(out)
+    }
+
+    /// The `case_blobs` rows of one case, sorted by hash.
+    fn case_blobs(&self, code: &str) -> Result<Vec<BlobRef>, StoreError> {
+        self.blob_query(
+            "SELECT hash, size FROM case_blobs WHERE code = ?1 ORDER BY hash",
+            &[code],
+        )
+    }
+
+    /// Runs a `SELECT hash, size ...` query.
+    fn blob_query(&self, sql: &str, args: &[&str]) -> Result<Vec<BlobRef>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(self.sql())?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args), |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })
+            .map_err(self.sql())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (hash, size) = row.map_err(self.sql())?;
+            out.push(BlobRef {
+                hash,
+                size: to_u64(size, &self.path)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every blob any case refers to: distinct `(hash, size)` pairs ordered
+    /// by hash, then size. A hash that hostile or buggy documents give
+    /// different sizes in different cases appears once per size; the
+    /// fetcher treats the size as part of the identity.
+    pub fn referenced_blobs(&self) -> Result<Vec<BlobRef>, StoreError> {
+        self.blob_query(
+            "SELECT DISTINCT hash, size FROM case_blobs ORDER BY hash, size",
+            &[],
+        )
+    }
+
+    /// The size recorded for `hash` if any case refers to it, else `None`:
+    /// whether this node may serve the blob to a peer, and what size an
+    /// offered copy must have. If cases disagree about the size (see
+    /// [`Store::referenced_blobs`]) the smallest is returned.
+    pub fn blob_referenced(&self, hash: &str) -> Result<Option<u64>, StoreError> {
+        let size: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT min(size) FROM case_blobs WHERE hash = ?1",
+                [hash],
+                |r| r.get(0),
+            )
+            .map_err(self.sql())?;
+        size.map(|s| to_u64(s, &self.path)).transpose()
+    }
+
+    /// Codes of the cases that refer to blob `hash`, sorted.
+    pub fn cases_referencing(&self, hash: &str) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT code FROM case_blobs WHERE hash = ?1 ORDER BY code")
+            .map_err(self.sql())?;
+        let rows = stmt.query_map([hash], |r| r.get(0)).map_err(self.sql())?;
+        rows.collect::<Result<_, _>>().map_err(self.sql())
     }
 
     /// The current local update counter: the `update_seq` of the most
@@ -1151,7 +1344,8 @@ mod tests {
     use automerge::transaction::Transactable;
     use automerge::{AutomergeError, ReadDoc, ROOT};
 
-    /// Reads `status` (required) and `village` (optional) from the root.
+    /// Reads `status` (required), `village` (optional) and `blobs`
+    /// (optional list of `hash:size` strings) from the root.
     fn projector(doc: &Automerge) -> Result<Projection, String> {
         let text = |key: &str| -> Result<Option<String>, String> {
             match doc.get(ROOT, key).map_err(|e| e.to_string())? {
@@ -1173,7 +1367,60 @@ mod tests {
             due_date: String::new(),
             updated_at_ms: 0,
             conflicts: i64::try_from(conflicts).map_err(|e| e.to_string())?,
+            blobs: blobs_of(doc)?,
         })
+    }
+
+    fn blobs_of(doc: &Automerge) -> Result<Vec<BlobRef>, String> {
+        let Some((_, list)) = doc.get(ROOT, "blobs").map_err(|e| e.to_string())? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for i in 0..doc.length(&list) {
+            let (v, _) = doc
+                .get(&list, i)
+                .map_err(|e| e.to_string())?
+                .ok_or("hole")?;
+            let text = v.as_str().ok_or("blob entry is not text")?;
+            let (hash, size) = text.split_once(':').ok_or("blob entry has no size")?;
+            out.push(BlobRef {
+                hash: hash.to_string(),
+                size: size.parse().map_err(|_| "bad blob size")?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Appends `hash:size` entries to the root `blobs` list.
+    fn add_blobs(doc: &mut Automerge, entries: &[(&str, u64)]) -> Result<(), AutomergeError> {
+        doc.transact::<_, _, AutomergeError>(|tx| {
+            let list = match tx.get(ROOT, "blobs")? {
+                Some((_, id)) => id,
+                None => tx.put_object(ROOT, "blobs", automerge::ObjType::List)?,
+            };
+            for (hash, size) in entries {
+                let idx = tx.length(&list);
+                tx.insert(&list, idx, format!("{hash}:{size}"))?;
+            }
+            Ok(())
+        })
+        .map(|_| ())
+        .map_err(|f| f.error)
+    }
+
+    fn hash(n: u8) -> String {
+        blake3::hash(&[n]).to_hex().to_string()
+    }
+
+    fn blob_rows(store: &Store) -> Vec<(String, String, i64)> {
+        let mut stmt = store
+            .conn
+            .prepare("SELECT code, hash, size FROM case_blobs ORDER BY code, hash")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
     }
 
     fn put(doc: &mut Automerge, key: &str, value: &str) -> Result<(), AutomergeError> {
@@ -1710,5 +1957,244 @@ mod tests {
             ("seen by serve", "Thôn 8")
         );
         assert_eq!(create(&mut serve, "x"), "K7QF2M-0002");
+    }
+
+    #[test]
+    fn blob_refs_follow_every_write_path() {
+        let dir_a = tempfile::tempdir().unwrap();
+        let dir_b = tempfile::tempdir().unwrap();
+        let mut a = open(&dir_a);
+        let mut b = open(&dir_b);
+        let (h1, h2, h3) = (hash(1), hash(2), hash(3));
+
+        // create_case
+        let c1 = a
+            .create_case(|seq| {
+                let mut doc = new_doc("received", "Thôn 1");
+                add_blobs(&mut doc, &[(&h2, 20), (&h1, 10), (&h2, 20)])?;
+                Ok::<_, AutomergeError>((format!("K7QF2M-{seq:04}"), doc))
+            })
+            .unwrap();
+        let c2 = create(&mut a, "Thôn 2");
+        let r = |h: &str, size| BlobRef {
+            hash: h.to_string(),
+            size,
+        };
+        assert_eq!(a.referenced_blobs().unwrap(), [r(&h1, 10), r(&h2, 20)]);
+        assert_eq!(a.blob_referenced(&h2).unwrap(), Some(20));
+        assert_eq!(a.blob_referenced(&h3).unwrap(), None);
+        assert_eq!(a.cases_referencing(&h1).unwrap(), std::slice::from_ref(&c1));
+        assert!(a.cases_referencing(&h3).unwrap().is_empty());
+
+        // update_case: the second case refers to h1 too (deduplicated) and h3.
+        a.update_case(&c2, |d| add_blobs(d, &[(&h3, 30), (&h1, 10)]))
+            .unwrap();
+        assert_eq!(
+            a.referenced_blobs().unwrap(),
+            [r(&h1, 10), r(&h2, 20), r(&h3, 30)]
+        );
+        assert_eq!(a.cases_referencing(&h1).unwrap(), [c1.clone(), c2.clone()]);
+        let rows = a.list(&ListFilter::default()).unwrap();
+        assert_eq!(rows[0].projection.blobs, [r(&h1, 10), r(&h2, 20)]);
+        assert_eq!(rows[1].projection.blobs, [r(&h1, 10), r(&h3, 30)]);
+        assert_eq!(blob_rows(&a).len(), 4);
+
+        // merge_remote: new case, then a change to it.
+        let doc = a.load_case(&c2).unwrap().unwrap();
+        b.merge_remote("peer-a", &c2, &doc, b"s").unwrap();
+        assert_eq!(b.referenced_blobs().unwrap(), [r(&h1, 10), r(&h3, 30)]);
+        let mut doc = a.load_case(&c2).unwrap().unwrap();
+        add_blobs(&mut doc, &[(&h2, 20)]).unwrap();
+        b.merge_remote("peer-a", &c2, &doc, b"s").unwrap();
+        assert_eq!(b.cases_referencing(&h2).unwrap(), std::slice::from_ref(&c2));
+        assert_eq!(b.referenced_blobs().unwrap().len(), 3);
+
+        // Rows survive compaction (the snapshot rewrite path).
+        for i in 0..=COMPACT_THRESHOLD {
+            a.update_case(&c1, |d| put(d, "status", &format!("s{i}")))
+                .unwrap();
+        }
+        assert_eq!(a.cases_referencing(&h2).unwrap(), std::slice::from_ref(&c1));
+
+        // Hostile documents giving one hash different sizes in different
+        // cases: both pairs are listed; the smallest is the answer to "is it
+        // referenced".
+        a.update_case(&c1, |d| add_blobs(d, &[(&h2, 7)]))
+            .unwrap_err();
+        let c3 = create(&mut a, "Thôn 3");
+        a.update_case(&c3, |d| add_blobs(d, &[(&h2, 7)])).unwrap();
+        assert_eq!(
+            a.referenced_blobs().unwrap(),
+            [r(&h1, 10), r(&h2, 7), r(&h2, 20), r(&h3, 30)]
+        );
+        assert_eq!(a.blob_referenced(&h2).unwrap(), Some(7));
+    }
+
+    #[test]
+    fn bad_blob_refs_are_refused_and_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(&dir);
+        let code = create(&mut store, "Thôn 1");
+        let before = store.case_heads(&code).unwrap();
+        let h = hash(1);
+        let long = format!("{h}0");
+        let upper = h.to_uppercase();
+        let too_big = format!("{}", u64::MAX);
+        let bad: [Vec<(&str, u64)>; 4] = [
+            vec![(&h, 1), (&h, 2)],
+            vec![("", 1)],
+            vec![(&long, 1)],
+            vec![(&upper, 1)],
+        ];
+        for entries in bad {
+            let err = store.update_case(&code, |d| add_blobs(d, &entries));
+            assert!(
+                matches!(err, Err(UpdateError::Rejected(_))),
+                "{entries:?}: {err:?}"
+            );
+            let mut doc = store.load_case(&code).unwrap().unwrap();
+            add_blobs(&mut doc, &entries).unwrap();
+            assert!(matches!(
+                store.merge_remote("p", &code, &doc, b"s"),
+                Err(MergeError::Rejected(_))
+            ));
+        }
+        let err = store.update_case(&code, |d| {
+            d.transact::<_, _, AutomergeError>(|tx| {
+                let l = tx.put_object(ROOT, "blobs", automerge::ObjType::List)?;
+                tx.insert(&l, 0, format!("{h}:{too_big}"))?;
+                Ok(())
+            })
+            .map(|_| ())
+            .map_err(|f| f.error)
+        });
+        assert!(matches!(err, Err(UpdateError::Rejected(_))), "{err:?}");
+        assert_eq!(store.case_heads(&code).unwrap(), before);
+        assert!(store.referenced_blobs().unwrap().is_empty());
+        assert!(blob_rows(&store).is_empty());
+    }
+
+    /// The version 1 schema exactly as it shipped (`SCHEMA_V1`), filled with
+    /// real cases, is upgraded on open: `case_blobs` gets every case's
+    /// attachments.
+    #[test]
+    fn version_1_database_is_migrated_and_backfilled() {
+        use crate::case::{self, AttachmentMeta, Author, NewCase};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let author = Author {
+            actor: automerge::ActorId::from([7u8; 16]),
+            node_id: "node-a".into(),
+            name: "Laptop A".into(),
+        };
+        let new = NewCase {
+            procedure: "birth-registration".into(),
+            applicant: "Nguyễn Thị Mai".into(),
+            village: "Thôn 3".into(),
+            fields: vec![],
+        };
+        let t0 = 1_741_572_000_000;
+        let mut with_files = case::create("K7QF2M-000001", &new, &author, t0).unwrap();
+        let scan = |bytes: &[u8], item: &str| AttachmentMeta {
+            hash: blake3::hash(bytes).to_hex().to_string(),
+            size: bytes.len() as u64,
+            media_type: "image/jpeg".into(),
+            name: "scan.jpg".into(),
+            item: item.into(),
+            note: String::new(),
+        };
+        case::attach(
+            &mut with_files,
+            &scan(b"notice", "birth-notice"),
+            true,
+            &author,
+            t0,
+        )
+        .unwrap();
+        case::attach(
+            &mut with_files,
+            &scan(b"id", "mother-id"),
+            false,
+            &author,
+            t0,
+        )
+        .unwrap();
+        // The same file for a second item is one blob.
+        case::attach(
+            &mut with_files,
+            &scan(b"id", "father-id"),
+            false,
+            &author,
+            t0,
+        )
+        .unwrap();
+        let plain = case::create("K7QF2M-000002", &new, &author, t0).unwrap();
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            for (code, doc) in [("K7QF2M-000001", &with_files), ("K7QF2M-000002", &plain)] {
+                conn.execute(
+                    "INSERT INTO cases (code, snapshot, heads, update_seq, procedure, status, \
+                     village, applicant, due_date, updated_at_ms, conflicts) \
+                     VALUES (?1, ?2, ?3, 1, 'birth-registration', 'received', 'Thôn 3', \
+                     'Nguyễn Thị Mai', '2025-03-12', 0, 0)",
+                    params![code, doc.save(), encode_heads(&sorted_heads(doc))],
+                )
+                .unwrap();
+            }
+            // A damaged case does not block the upgrade.
+            conn.execute(
+                "INSERT INTO cases (code, snapshot, heads, update_seq, procedure, status, \
+                 village, applicant, due_date, updated_at_ms, conflicts) \
+                 VALUES ('K7QF2M-000003', x'00', x'', 1, '', '', '', '', '', 0, 0)",
+                [],
+            )
+            .unwrap();
+            let v: i64 = conn
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .unwrap();
+            assert_eq!(v, 1);
+        }
+        let store = Store::open(&path, crate::node::project).unwrap();
+        let version: i64 = store
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 2);
+        let notice = blake3::hash(b"notice").to_hex().to_string();
+        let id = blake3::hash(b"id").to_hex().to_string();
+        let mut want = vec![
+            BlobRef {
+                hash: notice.clone(),
+                size: 6,
+            },
+            BlobRef {
+                hash: id.clone(),
+                size: 2,
+            },
+        ];
+        want.sort();
+        assert_eq!(store.referenced_blobs().unwrap(), want);
+        assert_eq!(store.cases_referencing(&id).unwrap(), ["K7QF2M-000001"]);
+        assert_eq!(store.blob_referenced(&notice).unwrap(), Some(6));
+        assert_eq!(blob_rows(&store).len(), 2);
+        drop(store);
+        // Opening again is a no-op.
+        let mut store = Store::open(&path, crate::node::project).unwrap();
+        assert_eq!(store.referenced_blobs().unwrap(), want);
+        // And later writes keep the table current.
+        let mut more = store.load_case("K7QF2M-000002").unwrap().unwrap();
+        case::attach(
+            &mut more,
+            &scan(b"form", "declaration-form"),
+            true,
+            &author,
+            t0,
+        )
+        .unwrap();
+        store
+            .merge_remote("peer", "K7QF2M-000002", &more, b"s")
+            .unwrap();
+        assert_eq!(store.referenced_blobs().unwrap().len(), 3);
     }
 }

@@ -20,8 +20,20 @@
 //!                    replaced: [ { value, node_id, node_name, at_ms } ] } ]  append-only
 //!   members: { <actor-hex>: { node_id, name } }
 //!   created_at_ms: int, created_by: str, created_by_name: str, due_date: str
+//!   attachments: [ { hash, size: uint, media_type, name, item, note,
+//!                    by, by_name, at_ms } ]                              append-only
 //! }
 //! ```
+//!
+//! `attachments` was added after schema 1 shipped, without a schema bump
+//! (older nodes ignore the key). Cases created since then get the empty list
+//! at creation; older cases get it from the first `attach`. Two replicas may
+//! create it concurrently on an old case, leaving two list objects in
+//! conflict at that key: readers concatenate *every* list at the key (in
+//! Automerge's op order, identical on all replicas) so no attachment is lost,
+//! and writers append to the winning list. `hash` is the 64-char lowercase
+//! hex BLAKE3 hash of the file, `size` its length in bytes; the bytes live in
+//! the node's blob store, never in the document.
 //!
 //! Every editable value is a plain scalar at its own map key so that
 //! concurrent offline edits surface as Automerge conflicts (see `view.rs`),
@@ -47,6 +59,7 @@ pub(crate) const K_ANSWERS: &str = "answers";
 pub(crate) const K_EVENTS: &str = "status_events";
 pub(crate) const K_RESOLUTIONS: &str = "resolutions";
 pub(crate) const K_MEMBERS: &str = "members";
+pub(crate) const K_ATTACHMENTS: &str = "attachments";
 
 #[derive(Debug, Clone, Default, PartialEq, Hydrate, Reconcile)]
 pub(crate) struct ApplicantRec {
@@ -110,6 +123,19 @@ pub(crate) struct ResolutionRec {
 }
 
 #[derive(Debug, Clone, PartialEq, Hydrate, Reconcile)]
+pub(crate) struct AttachmentRec {
+    pub hash: String,
+    pub size: u64,
+    pub media_type: String,
+    pub name: String,
+    pub item: String,
+    pub note: String,
+    pub by: String,
+    pub by_name: String,
+    pub at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Hydrate, Reconcile)]
 pub(crate) struct MemberRec {
     pub node_id: String,
     pub name: String,
@@ -143,6 +169,27 @@ pub(crate) struct CaseDoc {
 pub(crate) fn hydrate_case<D: autosurgeon::ReadDoc>(doc: &D) -> Result<CaseDoc, CaseError> {
     autosurgeon::hydrate(doc)
         .map_err(|e| CaseError::Malformed(format!("document does not have the case shape: {e}")))
+}
+
+/// Every attachment entry, concatenating all list objects at `attachments`
+/// (see the module docs for why there can be several). A missing key means
+/// no attachments; anything but lists of well-typed maps is `Malformed`.
+pub(crate) fn attachments(doc: &automerge::Automerge) -> Result<Vec<AttachmentRec>, CaseError> {
+    let mut out = Vec::new();
+    for (value, list) in doc.get_all(&automerge::ROOT, K_ATTACHMENTS)? {
+        if !matches!(value, Value::Object(ObjType::List)) {
+            return Err(CaseError::Malformed(format!(
+                "'{K_ATTACHMENTS}' is not a List object"
+            )));
+        }
+        for idx in 0..doc.length(&list) {
+            let rec: AttachmentRec = autosurgeon::hydrate_prop(doc, &list, idx).map_err(|e| {
+                CaseError::Malformed(format!("attachment {} is not well-formed: {e}", idx + 1))
+            })?;
+            out.push(rec);
+        }
+    }
+    Ok(out)
 }
 
 /// The id of the object of type `want` stored at `key` of `parent`.

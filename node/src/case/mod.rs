@@ -14,8 +14,8 @@
 //!   `status_events` list (see [`status::fold`]) so concurrent moves cannot be
 //!   lost and every replica agrees;
 //! - overwrite append-only lists (notes, questions, answers, status events,
-//!   resolutions) — they are only ever appended to with explicit list inserts,
-//!   so concurrent appends from several laptops are all kept.
+//!   resolutions, attachments) — they are only ever appended to with explicit
+//!   list inserts, so concurrent appends from several laptops are all kept.
 //!
 //! Every mutation sets the document's actor to the writing node's actor and
 //! stamps the change with `now_ms` (Unix **milliseconds**, even though
@@ -40,13 +40,14 @@ pub use doc::SCHEMA;
 pub use procedures::{procedure, procedures, FieldDef, FieldKind, ItemDef, ProcedureDef};
 pub use status::{fold, DocState, Status};
 pub use view::{
-    projection, validate, validate_code, view, Answer, ApplicantView, CaseView, ChecklistEntry,
-    Conflict, ConflictCandidate, HistoryEntry, Member, Note, Projection, Question, Resolution,
+    projection, validate, validate_code, view, Answer, ApplicantView, Attachment, CaseView,
+    ChecklistEntry, Conflict, ConflictCandidate, HistoryEntry, Member, Note, Projection, Question,
+    Resolution,
 };
 
 use doc::{
-    child_obj, list_elem_map, AnswerRec, ApplicantRec, CandidateRec, CaseDoc, MemberRec, NoteRec,
-    QuestionRec, ResolutionRec, StatusEventRec,
+    child_obj, list_elem_map, AnswerRec, ApplicantRec, AttachmentRec, CandidateRec, CaseDoc,
+    MemberRec, NoteRec, QuestionRec, ResolutionRec, StatusEventRec,
 };
 
 /// Longest value accepted for a single field (characters).
@@ -57,6 +58,19 @@ pub const MAX_TEXT_CHARS: usize = 4000;
 pub const MAX_AUTHOR_CHARS: usize = 200;
 /// Longest case code accepted (characters).
 pub const MAX_CODE_CHARS: usize = 64;
+/// Longest attachment file name accepted (characters).
+pub const MAX_ATTACHMENT_NAME_CHARS: usize = 255;
+/// Longest attachment media type accepted (characters).
+pub const MAX_MEDIA_TYPE_CHARS: usize = 255;
+/// Largest attachment size a case document may record (bytes): 4 GiB, the
+/// hard ceiling of the per-node `blob-max-mb` setting. This is a sanity
+/// bound on documents, not a policy: a larger recorded size makes the whole
+/// case malformed, so it must never be below what any node may be
+/// configured to accept. Each node's own, smaller limit is applied when it
+/// imports or fetches bytes.
+pub const MAX_ATTACHMENT_BYTES: u64 = 4096 * 1024 * 1024;
+/// Length of an attachment hash: BLAKE3, 32 bytes as lowercase hex.
+pub const ATTACHMENT_HASH_CHARS: usize = 64;
 
 /// Errors from the case model. Messages are single lines meant for officers.
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +136,25 @@ pub struct NewCase {
     /// Extra `(field, value)` pairs, with the same names [`set_field`] accepts:
     /// `birth-date`, `id-number`, `phone`, `assignee`, and procedure field ids.
     pub fields: Vec<(String, String)>,
+}
+
+/// Input for [`attach`]: a file already put in the node's blob store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AttachmentMeta {
+    /// BLAKE3 hash of the bytes, 64 hex characters (upper case is accepted
+    /// and stored lower case).
+    pub hash: String,
+    /// Length of the file in bytes, 1 to [`MAX_ATTACHMENT_BYTES`].
+    pub size: u64,
+    /// Media type like `image/jpeg` or `application/pdf` (stored lower case,
+    /// without parameters).
+    pub media_type: String,
+    /// Original file name; directories are stripped (see [`sanitize_file_name`]).
+    pub name: String,
+    /// Checklist item the file supports, e.g. `birth-notice`.
+    pub item: String,
+    /// Optional note, up to [`MAX_TEXT_CHARS`]; empty for none.
+    pub note: String,
 }
 
 /// Applicant fields: CLI name -> key in the `applicant` map.
@@ -350,6 +383,126 @@ fn check_text(what: &str, text: &str) -> Result<String, CaseError> {
     Ok(t.to_string())
 }
 
+/// Characters never kept in an attachment's file name: control characters,
+/// and the bidirectional marks/overrides/isolates that can disguise an
+/// extension (`photo\u{202E}gpj.exe` displays as `photoexe.jpg`).
+fn bad_name_char(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// Path separators stripped from file names. `:` is included because on
+/// Windows `C:photo.jpg` joined to a folder escapes it (drive-relative path).
+const NAME_SEPARATORS: [char; 3] = ['/', '\\', ':'];
+
+/// `s` quoted for an error message, or a length if it is too long to show.
+fn shown(s: &str) -> String {
+    let n = s.chars().count();
+    if n <= 80 {
+        format!("{s:?}")
+    } else {
+        format!("a {n}-character value")
+    }
+}
+
+/// The stored form of an attachment's original file name: the last path
+/// component of `name` (after any `/`, `\` or `:`), without control or
+/// bidi-override characters, trimmed. Refuses names that end up empty, `.`
+/// or `..`, or longer than [`MAX_ATTACHMENT_NAME_CHARS`]. Idempotent: a
+/// stored name comes back unchanged, which is how peers' names are checked.
+pub fn sanitize_file_name(name: &str) -> Result<String, CaseError> {
+    let last = name.rsplit(NAME_SEPARATORS).next().unwrap_or_default();
+    let cleaned: String = last.chars().filter(|&c| !bad_name_char(c)).collect();
+    let cleaned = cleaned.trim();
+    if cleaned.is_empty() || cleaned == "." || cleaned == ".." {
+        return Err(invalid(
+            "attachment name",
+            format!("{} does not end in a file name", shown(name)),
+        ));
+    }
+    let n = cleaned.chars().count();
+    if n > MAX_ATTACHMENT_NAME_CHARS {
+        return Err(invalid(
+            "attachment name",
+            format!(
+                "the file name is {n} characters long; the limit is {MAX_ATTACHMENT_NAME_CHARS}"
+            ),
+        ));
+    }
+    Ok(cleaned.to_string())
+}
+
+/// Is `h` a stored attachment hash: exactly 64 lowercase hex characters?
+pub(crate) fn is_attachment_hash(h: &str) -> bool {
+    h.len() == ATTACHMENT_HASH_CHARS
+        && h.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn check_hash(hash: &str) -> Result<String, CaseError> {
+    let h = hash.trim().to_ascii_lowercase();
+    if is_attachment_hash(&h) {
+        Ok(h)
+    } else {
+        Err(invalid(
+            "attachment hash",
+            format!(
+                "{} is not a BLAKE3 hash ({ATTACHMENT_HASH_CHARS} hexadecimal characters)",
+                shown(hash)
+            ),
+        ))
+    }
+}
+
+/// Is `size` an acceptable attachment size (1 byte to [`MAX_ATTACHMENT_BYTES`])?
+pub(crate) fn is_attachment_size(size: u64) -> bool {
+    (1..=MAX_ATTACHMENT_BYTES).contains(&size)
+}
+
+/// Is `m` a stored media type: lower-case `type/subtype`, each 1-127
+/// characters of RFC 6838 restricted-name characters, no parameters?
+pub(crate) fn is_media_type(m: &str) -> bool {
+    let token = |t: &str| {
+        !t.is_empty()
+            && t.len() <= 127
+            && t.as_bytes()[0].is_ascii_alphanumeric()
+            && t.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$&-^_.+".contains(&b))
+    };
+    m.len() <= MAX_MEDIA_TYPE_CHARS && m.split_once('/').is_some_and(|(t, s)| token(t) && token(s))
+}
+
+fn check_media_type(media_type: &str) -> Result<String, CaseError> {
+    let m = media_type.trim().to_ascii_lowercase();
+    if is_media_type(&m) {
+        Ok(m)
+    } else {
+        Err(invalid(
+            "attachment media type",
+            format!(
+                "{} is not a media type like image/jpeg or application/pdf",
+                shown(media_type)
+            ),
+        ))
+    }
+}
+
+/// Is `n` acceptable as a stored attachment note (possibly empty)?
+pub(crate) fn is_attachment_note(n: &str) -> bool {
+    n.chars().count() <= MAX_TEXT_CHARS
+        && !n.chars().any(|c| c.is_control() && c != '\n' && c != '\t')
+}
+
+/// Would [`check_author`] accept this node id or name (as found in a document)?
+pub(crate) fn is_author_text(s: &str) -> bool {
+    !s.trim().is_empty()
+        && s.chars().count() <= MAX_AUTHOR_CHARS
+        && !s.chars().any(char::is_control)
+}
+
 fn check_author(a: &Author) -> Result<(), CaseError> {
     for (what, s) in [("author node id", &a.node_id), ("author name", &a.name)] {
         if s.trim().is_empty() {
@@ -554,7 +707,11 @@ pub fn create(
                 .with_time(now_ms)
                 .with_message(format!("create case {code}"))
         },
-        |tx| autosurgeon::reconcile(tx, &rec).map_err(reconcile_err),
+        |tx| {
+            autosurgeon::reconcile(tx, &rec).map_err(reconcile_err)?;
+            tx.put_object(ROOT, doc::K_ATTACHMENTS, ObjType::List)?;
+            Ok::<_, CaseError>(())
+        },
     )
     .map_err(|f| f.error)?;
     Ok(doc)
@@ -800,5 +957,121 @@ pub fn resolve(
     mutate(doc, author, now_ms, &format!("resolve {name}"), |tx| {
         write_target(tx, t, &value)?;
         append(tx, &ROOT, doc::K_RESOLUTIONS, &rec).map(|_| ())
+    })
+}
+
+/// Attach a file (whose bytes the caller has put in the blob store) to the
+/// case, as support for checklist item `meta.item`. All fields are checked:
+/// the hash must be 64 hex characters, the size 1 to
+/// [`MAX_ATTACHMENT_BYTES`], the media type well-formed, the item on this
+/// case's checklist ([`CaseError::UnknownItem`] lists the valid ones), the
+/// note at most [`MAX_TEXT_CHARS`]; the name is reduced to its file name by
+/// [`sanitize_file_name`].
+///
+/// The entry is appended to the `attachments` list with an explicit insert,
+/// so attachments made concurrently on several laptops are all kept, in the
+/// same order everywhere.
+///
+/// With `mark_received`, an item whose state is `missing` is marked
+/// `received` in the same change. Any other state (`invalid`: an officer
+/// looked at the paper and refused it; `received`) is left alone, and so is
+/// an item whose state is in conflict — that needs [`resolve`], not a silent
+/// overwrite.
+///
+/// Attaching a hash that is already attached to the same item adds no entry
+/// (the first entry's name, note and author are kept); only the marking, if
+/// asked for and applicable, is written, and if there is nothing to do the
+/// document is not changed at all. The same hash may be attached to several
+/// items (one scan showing two papers). A hash already attached with a
+/// different size is refused: the hash determines the bytes, so one of the
+/// sizes is wrong.
+pub fn attach(
+    doc: &mut Automerge,
+    meta: &AttachmentMeta,
+    mark_received: bool,
+    author: &Author,
+    now_ms: i64,
+) -> Result<(), CaseError> {
+    let v = view(doc)?;
+    let proc = procedure(&v.procedure)?;
+    let def = proc
+        .item(&meta.item)
+        .ok_or_else(|| unknown_item(proc, &meta.item))?;
+    let hash = check_hash(&meta.hash)?;
+    if !is_attachment_size(meta.size) {
+        return Err(invalid(
+            "attachment size",
+            format!(
+                "{} bytes; a file must be 1 to {MAX_ATTACHMENT_BYTES} bytes",
+                meta.size
+            ),
+        ));
+    }
+    let media_type = check_media_type(&meta.media_type)?;
+    let name = sanitize_file_name(&meta.name)?;
+    let note = if meta.note.trim().is_empty() {
+        String::new()
+    } else {
+        check_text("attachment note", &meta.note)?
+    };
+    if let Some(other) = v
+        .attachments
+        .iter()
+        .find(|a| a.hash == hash && a.size != meta.size)
+    {
+        return Err(invalid(
+            "attachment size",
+            format!(
+                "file {hash} is already attached with size {} bytes, not {}",
+                other.size, meta.size
+            ),
+        ));
+    }
+    let present = v
+        .attachments
+        .iter()
+        .any(|a| a.hash == hash && a.item == def.id);
+    let field = format!("{DOC_PREFIX}{}", def.id);
+    let mark = mark_received
+        && !v.conflicts.iter().any(|c| c.field == field)
+        && v.checklist
+            .iter()
+            .any(|e| e.item == def.id && e.state == DocState::Missing);
+    if present && !mark {
+        return Ok(());
+    }
+    let message = format!("attach {} to {}", &hash[..12], def.id);
+    let rec = AttachmentRec {
+        hash,
+        size: meta.size,
+        media_type,
+        name,
+        item: def.id.to_string(),
+        note,
+        by: author.node_id.clone(),
+        by_name: author.name.clone(),
+        at_ms: now_ms,
+    };
+    mutate(doc, author, now_ms, &message, |tx| {
+        if !present {
+            // Cases created before attachments existed have no list yet.
+            match tx.get(ROOT, doc::K_ATTACHMENTS)? {
+                Some((Value::Object(ObjType::List), _)) => {}
+                Some(_) => {
+                    return Err(CaseError::Malformed(format!(
+                        "'{}' is not a List object",
+                        doc::K_ATTACHMENTS
+                    )))
+                }
+                None => {
+                    tx.put_object(ROOT, doc::K_ATTACHMENTS, ObjType::List)?;
+                }
+            }
+            append(tx, &ROOT, doc::K_ATTACHMENTS, &rec)?;
+        }
+        if mark {
+            write_target(tx, Target::Doc(def), DocState::Received.as_str())?;
+        }
+        Ok(())
     })
 }

@@ -835,3 +835,565 @@ fn conflicts_on_assignee_and_applicant_name_use_cli_names() {
     assert_eq!(v.conflicts[0].candidates[0].node_id, "node-a");
     assert_eq!(v.conflicts, view(&b).unwrap().conflicts);
 }
+
+fn blob(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}
+
+fn photo(bytes: &[u8], item: &str, name: &str) -> AttachmentMeta {
+    AttachmentMeta {
+        hash: blob(bytes),
+        size: bytes.len() as u64,
+        media_type: "image/jpeg".into(),
+        name: name.into(),
+        item: item.into(),
+        note: String::new(),
+    }
+}
+
+fn state_of(doc: &Automerge, item: &str) -> DocState {
+    view(doc)
+        .unwrap()
+        .checklist
+        .into_iter()
+        .find(|e| e.item == item)
+        .unwrap()
+        .state
+}
+
+#[test]
+fn concurrent_attachments_are_all_kept_in_the_same_order_everywhere() {
+    let base = birth_case();
+    assert!(view(&base).unwrap().attachments.is_empty());
+    let mut a = replica(&base);
+    let mut b = replica(&base);
+    let mut notice = photo(b"notice scan", "birth-notice", "IMG_0001.jpg");
+    notice.note = "  Stamped by the district hospital\nsecond page missing ".into();
+    attach(&mut a, &notice, false, &laptop_a(), T0 + MIN).unwrap();
+    attach(
+        &mut a,
+        &photo(b"mother id front", "mother-id", "id-front.jpg"),
+        false,
+        &laptop_a(),
+        T0 + 2 * MIN,
+    )
+    .unwrap();
+    let mut form = photo(b"%PDF form", "declaration-form", "to khai.pdf");
+    form.media_type = " Application/PDF ".into();
+    attach(&mut b, &form, false, &laptop_b(), T0 + MIN).unwrap();
+
+    let mut ab = a.clone();
+    ab.merge(&mut b.clone()).unwrap();
+    let mut ba = b.clone();
+    ba.merge(&mut a.clone()).unwrap();
+    let (lab, lba) = (
+        view(&ab).unwrap().attachments,
+        view(&ba).unwrap().attachments,
+    );
+    assert_eq!(lab.len(), 3);
+    assert_eq!(lab, lba);
+    let pos = |name: &str| lab.iter().position(|x| x.name == name).unwrap();
+    assert!(pos("IMG_0001.jpg") < pos("id-front.jpg"), "A's order kept");
+    let n = &lab[pos("IMG_0001.jpg")];
+    assert_eq!(n.hash, blob(b"notice scan"));
+    assert_eq!(n.size, 11);
+    assert_eq!(n.item, "birth-notice");
+    assert_eq!(
+        n.note,
+        "Stamped by the district hospital\nsecond page missing"
+    );
+    assert_eq!(
+        (n.by.as_str(), n.by_name.as_str(), n.at_ms),
+        ("node-a", "Laptop Thôn 3 (Lan)", T0 + MIN)
+    );
+    let f = &lab[pos("to khai.pdf")];
+    assert_eq!(f.media_type, "application/pdf");
+    assert_eq!(f.by, "node-b");
+
+    // The JSON shape is an interface for `case show --json`.
+    let json = serde_json::to_value(view(&ab).unwrap()).unwrap();
+    let first = &json["attachments"][0];
+    for key in [
+        "hash",
+        "size",
+        "media_type",
+        "name",
+        "item",
+        "note",
+        "by",
+        "by_name",
+        "at_ms",
+    ] {
+        assert!(first.get(key).is_some(), "missing {key}");
+    }
+    let back: CaseView = serde_json::from_value(json).unwrap();
+    assert_eq!(back, view(&ab).unwrap());
+
+    // The same file for the same item again adds nothing and writes nothing;
+    // for another item it is a new entry (one scan showing two papers).
+    let heads = ab.get_heads();
+    let mut again = photo(b"notice scan", "birth-notice", "other-name.jpg");
+    again.hash = again.hash.to_uppercase();
+    attach(&mut ab, &again, false, &center(), T0 + 3 * MIN).unwrap();
+    assert_eq!(ab.get_heads(), heads);
+    attach(
+        &mut ab,
+        &photo(b"notice scan", "father-id", "IMG_0001.jpg"),
+        false,
+        &center(),
+        T0 + 3 * MIN,
+    )
+    .unwrap();
+    assert_eq!(view(&ab).unwrap().attachments.len(), 4);
+    assert_eq!(ab.get_changes(&heads).len(), 1, "one change");
+}
+
+#[test]
+fn attaching_with_mark_received_moves_only_missing_items() {
+    let mut doc = birth_case();
+    assert_eq!(state_of(&doc, "birth-notice"), DocState::Missing);
+    let heads = doc.get_heads();
+    attach(
+        &mut doc,
+        &photo(b"notice", "birth-notice", "n.jpg"),
+        true,
+        &laptop_a(),
+        T0 + MIN,
+    )
+    .unwrap();
+    assert_eq!(state_of(&doc, "birth-notice"), DocState::Received);
+    assert_eq!(
+        doc.get_changes(&heads).len(),
+        1,
+        "attach + mark in one change"
+    );
+
+    // An officer refused the paper: a new photo does not overrule that.
+    mark_document(
+        &mut doc,
+        "mother-id",
+        DocState::Invalid,
+        &center(),
+        T0 + MIN,
+    )
+    .unwrap();
+    attach(
+        &mut doc,
+        &photo(b"id", "mother-id", "id.jpg"),
+        true,
+        &laptop_a(),
+        T0 + 2 * MIN,
+    )
+    .unwrap();
+    assert_eq!(state_of(&doc, "mother-id"), DocState::Invalid);
+    assert_eq!(view(&doc).unwrap().attachments.len(), 2);
+
+    // Without the flag nothing is marked.
+    attach(
+        &mut doc,
+        &photo(b"form", "declaration-form", "f.jpg"),
+        false,
+        &laptop_a(),
+        T0 + 2 * MIN,
+    )
+    .unwrap();
+    assert_eq!(state_of(&doc, "declaration-form"), DocState::Missing);
+    // Re-attaching the same file with the flag marks it, without a new entry.
+    attach(
+        &mut doc,
+        &photo(b"form", "declaration-form", "f.jpg"),
+        true,
+        &laptop_a(),
+        T0 + 3 * MIN,
+    )
+    .unwrap();
+    assert_eq!(state_of(&doc, "declaration-form"), DocState::Received);
+    assert_eq!(view(&doc).unwrap().attachments.len(), 3);
+
+    // A conflicting state is left for `resolve`, even when the value that
+    // currently wins is `missing`.
+    mark_document(
+        &mut doc,
+        "father-id",
+        DocState::Received,
+        &center(),
+        T0 + 3 * MIN,
+    )
+    .unwrap();
+    let mut a = replica(&doc);
+    let mut b = replica(&doc);
+    mark_document(
+        &mut a,
+        "father-id",
+        DocState::Invalid,
+        &laptop_a(),
+        T0 + 4 * MIN,
+    )
+    .unwrap();
+    mark_document(
+        &mut b,
+        "father-id",
+        DocState::Missing,
+        &laptop_b(),
+        T0 + 4 * MIN,
+    )
+    .unwrap();
+    sync(&mut a, &mut b);
+    assert_eq!(state_of(&a, "father-id"), DocState::Missing);
+    attach(
+        &mut a,
+        &photo(b"father", "father-id", "dad.jpg"),
+        true,
+        &center(),
+        T0 + 5 * MIN,
+    )
+    .unwrap();
+    let v = view(&a).unwrap();
+    assert!(v.conflicts.iter().any(|c| c.field == "doc:father-id"));
+    assert_eq!(state_of(&a, "father-id"), DocState::Missing);
+    assert_eq!(v.attachments.len(), 4);
+}
+
+#[test]
+fn attach_refuses_bad_input_with_actionable_errors() {
+    let mut doc = birth_case();
+    let heads = doc.get_heads();
+    let try_attach = |doc: &mut Automerge, m: &AttachmentMeta| {
+        attach(doc, m, true, &laptop_a(), T0 + MIN).map_err(|e| e.to_string())
+    };
+    let good = photo(b"x", "birth-notice", "x.jpg");
+
+    let err = try_attach(
+        &mut doc,
+        &AttachmentMeta {
+            item: "site-sketch".into(),
+            ..good.clone()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("site-sketch") && err.contains("birth-notice, mother-id"),
+        "{err}"
+    );
+    assert!(matches!(
+        attach(
+            &mut doc,
+            &AttachmentMeta {
+                item: "x".into(),
+                ..good.clone()
+            },
+            false,
+            &laptop_a(),
+            T0
+        ),
+        Err(CaseError::UnknownItem { .. })
+    ));
+    for (hash, why) in [
+        ("abc", "short"),
+        (&"g".repeat(64), "not hex"),
+        (&"a".repeat(65), "long"),
+        ("", "empty"),
+    ] {
+        let err = try_attach(
+            &mut doc,
+            &AttachmentMeta {
+                hash: hash.to_string(),
+                ..good.clone()
+            },
+        )
+        .unwrap_err();
+        assert!(err.contains("hash"), "{why}: {err}");
+    }
+    for size in [0, MAX_ATTACHMENT_BYTES + 1] {
+        let err = try_attach(
+            &mut doc,
+            &AttachmentMeta {
+                size,
+                ..good.clone()
+            },
+        )
+        .unwrap_err();
+        assert!(err.contains("size"), "{err}");
+    }
+    for mt in [
+        "jpeg",
+        "image/",
+        "/jpeg",
+        "image/jpeg; q=1",
+        "image/jp eg",
+        "ảnh/jpeg",
+    ] {
+        let err = try_attach(
+            &mut doc,
+            &AttachmentMeta {
+                media_type: mt.into(),
+                ..good.clone()
+            },
+        )
+        .unwrap_err();
+        assert!(err.contains("media type"), "{mt}: {err}");
+    }
+    for name in ["", "  ", "photos/", "..", "C:\\Users\\..", "\u{7}\u{202e}"] {
+        let err = try_attach(
+            &mut doc,
+            &AttachmentMeta {
+                name: name.into(),
+                ..good.clone()
+            },
+        )
+        .unwrap_err();
+        assert!(err.contains("attachment name"), "{name:?}: {err}");
+    }
+    let err = try_attach(
+        &mut doc,
+        &AttachmentMeta {
+            name: "n".repeat(MAX_ATTACHMENT_NAME_CHARS + 1),
+            ..good.clone()
+        },
+    )
+    .unwrap_err();
+    assert!(err.contains("limit is 255"), "{err}");
+    let err = try_attach(
+        &mut doc,
+        &AttachmentMeta {
+            note: "n".repeat(MAX_TEXT_CHARS + 1),
+            ..good.clone()
+        },
+    )
+    .unwrap_err();
+    assert!(err.contains("limit is 4000"), "{err}");
+    assert!(try_attach(
+        &mut doc,
+        &AttachmentMeta {
+            note: "bell\u{7}".into(),
+            ..good.clone()
+        }
+    )
+    .is_err());
+    assert!(attach(
+        &mut doc,
+        &good,
+        false,
+        &Author {
+            name: " ".into(),
+            ..laptop_a()
+        },
+        T0
+    )
+    .is_err());
+    assert_eq!(doc.get_heads(), heads, "nothing was written");
+
+    // Names are reduced to a plain file name.
+    for (given, stored) in [
+        ("C:\\Users\\Lan\\Pictures\\IMG_0001.JPG", "IMG_0001.JPG"),
+        ("/sdcard/DCIM/../../etc/passwd", "passwd"),
+        ("C:giay chung sinh.jpg", "giay chung sinh.jpg"),
+        (
+            " Giấy\u{0}khai sinh\u{202e}gpj.exe ",
+            "Giấykhai sinhgpj.exe",
+        ),
+    ] {
+        assert_eq!(sanitize_file_name(given).unwrap(), stored);
+        assert_eq!(sanitize_file_name(stored).unwrap(), stored, "idempotent");
+    }
+
+    // One hash cannot be recorded with two sizes.
+    try_attach(&mut doc, &good).unwrap();
+    let err = try_attach(
+        &mut doc,
+        &AttachmentMeta {
+            size: 2,
+            item: "mother-id".into(),
+            ..good.clone()
+        },
+    )
+    .unwrap_err();
+    assert!(err.contains("already attached with size 1"), "{err}");
+}
+
+#[test]
+fn attachments_from_peers_are_checked() {
+    type Tamper = fn(
+        &mut automerge::transaction::Transaction<'_>,
+        &automerge::ObjId,
+    ) -> Result<(), automerge::AutomergeError>;
+    /// A well-formed entry written field by field, like a peer would.
+    fn entry(
+        tx: &mut automerge::transaction::Transaction<'_>,
+        list: &automerge::ObjId,
+    ) -> Result<automerge::ObjId, automerge::AutomergeError> {
+        let idx = tx.length(list);
+        let e = tx.insert_object(list, idx, ObjType::Map)?;
+        tx.put(&e, "hash", blake3::hash(b"peer").to_hex().as_str())?;
+        tx.put(&e, "size", 4u64)?;
+        for (k, v) in [
+            ("media_type", "image/png"),
+            ("name", "scan.png"),
+            ("item", "birth-notice"),
+            ("note", ""),
+            ("by", "node-x"),
+            ("by_name", "Laptop X"),
+        ] {
+            tx.put(&e, k, v)?;
+        }
+        tx.put(&e, "at_ms", 1i64)?;
+        Ok(e)
+    }
+    let tampers: [(&str, Tamper); 12] = [
+        ("uppercase hash", |tx, l| {
+            let e = entry(tx, l)?;
+            tx.put(&e, "hash", blake3::hash(b"peer").to_hex().to_uppercase())
+        }),
+        ("short hash", |tx, l| {
+            let e = entry(tx, l)?;
+            tx.put(&e, "hash", "abcd")
+        }),
+        ("size as signed int", |tx, l| {
+            let e = entry(tx, l)?;
+            tx.put(&e, "size", -4i64)
+        }),
+        ("zero size", |tx, l| {
+            let e = entry(tx, l)?;
+            tx.put(&e, "size", 0u64)
+        }),
+        ("huge size", |tx, l| {
+            let e = entry(tx, l)?;
+            tx.put(&e, "size", u64::MAX)
+        }),
+        ("path in name", |tx, l| {
+            let e = entry(tx, l)?;
+            tx.put(&e, "name", "../../.ssh/authorized_keys")
+        }),
+        ("foreign item", |tx, l| {
+            let e = entry(tx, l)?;
+            tx.put(&e, "item", "site-sketch")
+        }),
+        ("oversized note", |tx, l| {
+            let e = entry(tx, l)?;
+            tx.put(&e, "note", "spam ".repeat(1_000))
+        }),
+        ("bad media type", |tx, l| {
+            let e = entry(tx, l)?;
+            tx.put(&e, "media_type", "text/html; charset=utf-8")
+        }),
+        ("missing key", |tx, l| {
+            let e = entry(tx, l)?;
+            tx.delete(&e, "by")
+        }),
+        ("entry is a string", |tx, l| tx.insert(l, 0, "hello")),
+        ("one hash, two sizes", |tx, l| {
+            entry(tx, l)?;
+            let e = entry(tx, l)?;
+            tx.put(&e, "size", 5u64)
+        }),
+    ];
+    // The well-formed entry itself is accepted.
+    let mut ok = birth_case();
+    ok.transact::<_, _, automerge::AutomergeError>(|tx| {
+        let (_, l) = tx.get(ROOT, "attachments")?.unwrap();
+        entry(tx, &l).map(|_| ())
+    })
+    .unwrap();
+    validate(&ok).unwrap();
+    assert_eq!(view(&ok).unwrap().attachments[0].name, "scan.png");
+
+    for (what, tamper) in tampers {
+        let mut doc = birth_case();
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            let (_, l) = tx.get(ROOT, "attachments")?.unwrap();
+            tamper(tx, &l)
+        })
+        .unwrap();
+        assert!(
+            matches!(validate(&doc), Err(CaseError::Malformed(_))),
+            "{what}: {:?}",
+            validate(&doc)
+        );
+        assert!(
+            matches!(
+                attach(
+                    &mut doc,
+                    &photo(b"p", "birth-notice", "p.jpg"),
+                    true,
+                    &laptop_a(),
+                    T0
+                ),
+                Err(CaseError::Malformed(_))
+            ),
+            "{what}"
+        );
+    }
+    let mut doc = birth_case();
+    doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+        tx.put_object(ROOT, "attachments", ObjType::Map).map(|_| ())
+    })
+    .unwrap();
+    assert!(matches!(validate(&doc), Err(CaseError::Malformed(_))));
+}
+
+#[test]
+fn cases_from_before_attachments_get_the_list_on_first_attach_without_losses() {
+    // A case written by an older node has no `attachments` key.
+    let mut old = birth_case();
+    old.transact::<_, _, automerge::AutomergeError>(|tx| tx.delete(ROOT, "attachments"))
+        .unwrap();
+    assert!(old.get(ROOT, "attachments").unwrap().is_none());
+    validate(&old).unwrap();
+    assert!(view(&old).unwrap().attachments.is_empty());
+
+    // Two laptops attach concurrently: each creates the list.
+    let mut a = replica(&old);
+    let mut b = replica(&old);
+    attach(
+        &mut a,
+        &photo(b"a", "birth-notice", "a.jpg"),
+        true,
+        &laptop_a(),
+        T0 + MIN,
+    )
+    .unwrap();
+    attach(
+        &mut b,
+        &photo(b"b", "mother-id", "b.jpg"),
+        false,
+        &laptop_b(),
+        T0 + MIN,
+    )
+    .unwrap();
+    sync(&mut a, &mut b);
+    let (va, vb) = (view(&a).unwrap(), view(&b).unwrap());
+    assert_eq!(va.attachments.len(), 2, "neither list is lost");
+    assert_eq!(va.attachments, vb.attachments);
+    assert!(va.conflicts.is_empty());
+    // Later attachments go to one list and everything stays visible.
+    attach(
+        &mut b,
+        &photo(b"c", "father-id", "c.jpg"),
+        false,
+        &center(),
+        T0 + 2 * MIN,
+    )
+    .unwrap();
+    sync(&mut a, &mut b);
+    assert_eq!(view(&a).unwrap().attachments.len(), 3);
+    assert_eq!(view(&a).unwrap().attachments, view(&b).unwrap().attachments);
+    // The same-item dedupe sees entries in every list.
+    let heads = a.get_heads();
+    attach(
+        &mut a,
+        &photo(b"b", "mother-id", "b.jpg"),
+        false,
+        &center(),
+        T0,
+    )
+    .unwrap();
+    attach(
+        &mut a,
+        &photo(b"a", "birth-notice", "a.jpg"),
+        false,
+        &center(),
+        T0,
+    )
+    .unwrap();
+    assert_eq!(a.get_heads(), heads);
+}

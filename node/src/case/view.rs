@@ -10,10 +10,11 @@ use std::collections::BTreeMap;
 use automerge::{Automerge, ObjId, ObjType, ReadDoc, Value, ROOT};
 use serde::{Deserialize, Serialize};
 
-use super::doc::{self, child_obj, hydrate_case, CandidateRec};
+use super::doc::{self, child_obj, hydrate_case, AttachmentRec, CandidateRec};
 use super::{
-    all_targets, check_code, date, procedure, status, CaseError, DocState, Status, Target,
-    DOC_PREFIX, MAX_FIELD_CHARS, MAX_TEXT_CHARS,
+    all_targets, check_code, date, is_attachment_hash, is_attachment_note, is_attachment_size,
+    is_author_text, is_media_type, procedure, sanitize_file_name, status, CaseError, DocState,
+    ProcedureDef, Status, Target, DOC_PREFIX, MAX_FIELD_CHARS, MAX_TEXT_CHARS,
 };
 
 /// Applicant block of a [`CaseView`]. Empty strings mean "not given".
@@ -116,6 +117,28 @@ pub struct Resolution {
     pub replaced: Vec<ConflictCandidate>,
 }
 
+/// A file attached to the case. The bytes are in the blob store under `hash`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// BLAKE3 hash of the bytes, 64 lowercase hex characters.
+    pub hash: String,
+    /// Length in bytes.
+    pub size: u64,
+    /// e.g. `image/jpeg`, `application/pdf`.
+    pub media_type: String,
+    /// Original file name (no directories).
+    pub name: String,
+    /// Checklist item id the file supports.
+    pub item: String,
+    /// May be empty.
+    pub note: String,
+    /// Node id of the node that attached it.
+    pub by: String,
+    /// That node's display name.
+    pub by_name: String,
+    pub at_ms: i64,
+}
+
 /// A node that has written to the case.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
@@ -152,6 +175,9 @@ pub struct CaseView {
     /// Sorted by field name.
     pub conflicts: Vec<Conflict>,
     pub resolutions: Vec<Resolution>,
+    /// Attached files, in list order (the same on every replica).
+    #[serde(default)]
+    pub attachments: Vec<Attachment>,
     /// Sorted by actor.
     pub members: Vec<Member>,
     pub created_at_ms: i64,
@@ -225,6 +251,8 @@ pub fn view(doc: &Automerge) -> Result<CaseView, CaseError> {
         )));
     }
     check_lengths(&c)?;
+    let attachments = doc::attachments(doc)?;
+    check_attachments(&attachments, proc)?;
     let mut checklist = Vec::with_capacity(proc.checklist.len());
     for def in proc.checklist {
         let state = match c.checklist.get(def.id) {
@@ -355,6 +383,20 @@ pub fn view(doc: &Automerge) -> Result<CaseView, CaseError> {
                 replaced: r.replaced.iter().map(cand).collect(),
             })
             .collect(),
+        attachments: attachments
+            .into_iter()
+            .map(|a| Attachment {
+                hash: a.hash,
+                size: a.size,
+                media_type: a.media_type,
+                name: a.name,
+                item: a.item,
+                note: a.note,
+                by: a.by,
+                by_name: a.by_name,
+                at_ms: a.at_ms,
+            })
+            .collect(),
         members: c
             .members
             .into_iter()
@@ -407,6 +449,46 @@ fn check_lengths(c: &doc::CaseDoc) -> Result<(), CaseError> {
         return Err(malformed(format!(
             "a note, question or answer is longer than {MAX_TEXT_CHARS} characters"
         )));
+    }
+    Ok(())
+}
+
+/// Refuse attachment entries our own [`super::attach`] would never write:
+/// a bad hash, size, media type, file name, item, note or author, or one hash
+/// listed with two different sizes (the hash determines the bytes).
+fn check_attachments(list: &[AttachmentRec], proc: &ProcedureDef) -> Result<(), CaseError> {
+    let mut sizes: BTreeMap<&str, u64> = BTreeMap::new();
+    for (i, a) in list.iter().enumerate() {
+        let bad = |what: &str| malformed(format!("attachment {}: {what}", i + 1));
+        if !is_attachment_hash(&a.hash) {
+            return Err(bad("hash is not 64 lowercase hex characters"));
+        }
+        if !is_attachment_size(a.size) {
+            return Err(bad("size is out of range"));
+        }
+        if !is_media_type(&a.media_type) {
+            return Err(bad("media type is not well-formed"));
+        }
+        if sanitize_file_name(&a.name).ok().as_deref() != Some(a.name.as_str()) {
+            return Err(bad("file name is not a plain, bounded file name"));
+        }
+        if proc.item(&a.item).is_none() {
+            return Err(bad(&format!("item is not on the {} checklist", proc.id)));
+        }
+        if !is_attachment_note(&a.note) {
+            return Err(bad(&format!(
+                "note is longer than {MAX_TEXT_CHARS} characters or has control characters"
+            )));
+        }
+        if !is_author_text(&a.by) || !is_author_text(&a.by_name) {
+            return Err(bad("author is empty, too long or has control characters"));
+        }
+        if let Some(&size) = sizes.get(a.hash.as_str()) {
+            if size != a.size {
+                return Err(bad("the same file is listed with two different sizes"));
+            }
+        }
+        sizes.insert(&a.hash, a.size);
     }
     Ok(())
 }
@@ -491,7 +573,9 @@ pub fn projection(doc: &Automerge) -> Result<Projection, CaseError> {
 
 /// Is this a well-formed case document? Used to refuse garbage from a peer
 /// before it is stored: it must hydrate, be schema 1, name a known procedure,
-/// and have only known fields, checklist items, states and statuses.
+/// have only known fields, checklist items, states and statuses, and only
+/// well-formed attachment entries (hash, size, media type, file name, item,
+/// note, author; one size per hash).
 pub fn validate(doc: &Automerge) -> Result<(), CaseError> {
     view(doc).map(|_| ())
 }
