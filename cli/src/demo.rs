@@ -44,6 +44,8 @@ async fn sync(laptop: &Site, center_name: &str) -> Result<()> {
             live: false,
             changes: None,
             log: std::sync::Arc::new(|_: &str| {}),
+            progress: fieldcase_node::transfer::no_progress(),
+            only_blob: None,
         },
     )
     .await
@@ -73,6 +75,19 @@ fn new_case(
         site.name
     );
     Ok(code)
+}
+
+/// Deterministic bytes standing in for a phone photo (JPEG magic first).
+fn fake_scan(len: usize, seed: u32) -> Vec<u8> {
+    let mut out = vec![0xff, 0xd8, 0xff, 0xe0];
+    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        out.push(x as u8);
+    }
+    out
 }
 
 /// Runs the demo in a fresh temporary folder.
@@ -151,9 +166,20 @@ async fn story(dir: &Path) -> Result<()> {
         &[("parcel-number", "112")],
     )?;
     new_case(&lap_b, "certification", "Pham Thi Em", "Thon Tay", &[])?;
-    lap_a.node()?.update(&birth, |d, a, t| {
-        case::mark_document(d, "birth-notice", DocState::Received, a, t)
-    })?;
+    let scan = dir.join("birth-notice-photo.jpg");
+    std::fs::write(&scan, fake_scan(300_000, 7))?;
+    let a = lap_a.node()?.attach_file(
+        &birth,
+        "birth-notice",
+        &scan,
+        "photo of the hospital birth notice",
+    )?;
+    println!(
+        "laptop-dong photographed the birth notice: {} ({} bytes, hash {}), item marked received",
+        a.name,
+        a.size,
+        &a.hash[..12]
+    );
     show_list(&lap_a)?;
     show_list(&lap_b)?;
 
@@ -232,6 +258,17 @@ async fn story(dir: &Path) -> Result<()> {
                 t,
             )
         })?;
+        let cert = dir.join("birth-certificate.pdf");
+        let mut pdf = b"%PDF-1.7\n".to_vec();
+        pdf.extend(fake_scan(120_000, 11));
+        std::fs::write(&cert, pdf)?;
+        c.attach_file(
+            &birth,
+            "declaration-form",
+            &cert,
+            "issued birth certificate (result for the family)",
+        )?;
+        println!("center attached the issued birth certificate (a PDF) to the case");
         c.update(&birth, |d, a, t| {
             case::change_status(d, Status::ResultReady, a, t)
         })?;
@@ -278,6 +315,16 @@ async fn story(dir: &Path) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(",")
         );
+    }
+    for site in [&center, &lap_a, &lap_b] {
+        let files = site.node()?.files(&birth)?;
+        let present = files.iter().filter(|f| f.local == "present").count();
+        println!(
+            "{}: {present} of {} attachments of {birth} present and verified",
+            site.name,
+            files.len()
+        );
+        all_equal &= present == files.len();
     }
     let resolved = center.node()?.show(&birth)?.resolutions.len();
     println!("the concurrent phone edit was surfaced as a conflict and resolved by a person ({resolved} resolution recorded)");

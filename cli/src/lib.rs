@@ -7,6 +7,7 @@
 
 mod demo;
 mod output;
+mod progress;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -74,8 +75,25 @@ enum Command {
     Case(CaseCommand),
     /// Peers, the last successful sync with each, and cases changed since.
     Status,
+    /// Show or change this node's settings.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Run a center and two laptops on loopback and tell a day's story.
     Demo,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Every setting and its value.
+    Show,
+    /// Change a setting: `blob-max-mb N` (largest attachment accepted),
+    /// `fetch all|on-demand` (which attachment bytes sync downloads).
+    Set {
+        /// Setting name.
+        key: String,
+        /// New value.
+        value: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -192,6 +210,40 @@ enum CaseCommand {
         /// The value to keep.
         value: String,
     },
+    /// Attach a photographed or scanned document to a checklist item.
+    Attach {
+        /// Case code.
+        code: String,
+        /// Checklist item the document supports.
+        item: String,
+        /// The file (photo, scan, PDF).
+        file: PathBuf,
+        /// A note about the document.
+        #[arg(long, default_value = "")]
+        note: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a case's attachments and whether their bytes are here.
+    Files {
+        /// Case code.
+        code: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write an attachment out, verifying its hash; fetches it from a peer
+    /// first if this node holds only its metadata.
+    Open {
+        /// Case code.
+        code: String,
+        /// The attachment's hash (or a unique prefix of 8+ characters).
+        hash: String,
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// List a procedure's fields and checklist items.
     Fields {
         /// Procedure id.
@@ -295,6 +347,18 @@ fn run(cli: Cli) -> Result<()> {
             output::print_status(&rows);
         }
         Command::Demo => run_demo()?,
+        Command::Config(ConfigCommand::Show) => {
+            let mut node = Node::open(&home)?;
+            for (k, v) in fieldcase_node::config::show(node.store())? {
+                println!("{k} = {v}");
+            }
+        }
+        Command::Config(ConfigCommand::Set { key, value }) => {
+            let mut node = Node::open(&home)?;
+            fieldcase_node::config::set(node.store(), &key, &value)
+                .map_err(fieldcase_node::node::NodeError::from)?;
+            println!("{key} = {value}");
+        }
     }
     Ok(())
 }
@@ -387,6 +451,7 @@ fn sync(home: &Path, peer: Option<String>, watch: bool) -> Result<()> {
                     p,
                     changes.clone(),
                     stdout_logger(),
+                    progress::sink(),
                     stop.subscribe(),
                 ));
             }
@@ -405,6 +470,8 @@ fn sync(home: &Path, peer: Option<String>, watch: bool) -> Result<()> {
                 live: false,
                 changes: None,
                 log: stdout_logger(),
+                progress: progress::sink(),
+                only_blob: None,
             };
             match net::sync_with(home, &p, opts).await {
                 Ok(report) => println!("{}", report.summary()),
@@ -419,6 +486,36 @@ fn sync(home: &Path, peer: Option<String>, watch: bool) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// Fetches one attachment's bytes from the first peer that has them.
+fn fetch_on_demand(node: &mut Node, hash: &str) -> Result<()> {
+    let home = node.home().to_path_buf();
+    let peers: Vec<_> = node
+        .peers()?
+        .into_iter()
+        .filter(|p| p.addr.is_some())
+        .collect();
+    if peers.is_empty() {
+        bail!("the bytes of {hash} are not on this node and no peer has an address to fetch them from");
+    }
+    let rt = runtime()?;
+    let mut errors = Vec::new();
+    for p in peers {
+        let opts = SyncOptions {
+            live: false,
+            changes: None,
+            log: stdout_logger(),
+            progress: progress::sink(),
+            only_blob: Some(hash.to_string()),
+        };
+        match rt.block_on(net::sync_with(&home, &p, opts)) {
+            Ok(report) if report.blobs.fetched > 0 => return Ok(()),
+            Ok(_) => errors.push(format!("{} does not have it", p.name)),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    bail!("could not fetch {hash}: {}", errors.join("; "))
 }
 
 fn parse_set(pairs: &[String]) -> Result<Vec<(String, String)>> {
@@ -532,6 +629,52 @@ fn case_command(home: &Path, cmd: CaseCommand) -> Result<()> {
             println!("{code}: conflict on {field} resolved as '{value}'");
         }
         CaseCommand::Fields { procedure } => output::print_fields(case::procedure(&procedure)?),
+        CaseCommand::Attach {
+            code,
+            item,
+            file,
+            note,
+            json,
+        } => {
+            let a = node.attach_file(&code, &item, &file, &note)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&a)?);
+            } else {
+                println!(
+                    "{code}: attached {} ({}, {}) to {item}",
+                    a.name,
+                    a.media_type,
+                    output::bytes(a.size)
+                );
+                println!("{}", a.hash);
+            }
+        }
+        CaseCommand::Files { code, json } => {
+            let files = node.files(&code)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&files)?);
+            } else {
+                output::print_files(&files);
+            }
+        }
+        CaseCommand::Open { code, hash, out } => {
+            let file = node.find_file(&code, &hash)?;
+            let blobs = node.blobs()?;
+            let h = fieldcase_node::blobs::parse_hash(&file.hash)
+                .map_err(fieldcase_node::node::NodeError::from)?;
+            if !blobs.has(&h) {
+                fetch_on_demand(&mut node, &file.hash)?;
+            }
+            let n = blobs
+                .export(&h, &out)
+                .map_err(fieldcase_node::node::NodeError::from)?;
+            println!(
+                "wrote {} ({}) to {}; hash verified",
+                file.name,
+                output::bytes(n),
+                out.display()
+            );
+        }
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Human-readable tables and the documented JSON shapes.
 
+use fieldcase_node::attach::FileEntry;
 use fieldcase_node::case::{CaseView, ProcedureDef};
 use fieldcase_node::node::now_ms;
 use fieldcase_node::store::{CaseRow, PeerRow};
@@ -187,6 +188,25 @@ pub fn print_case(v: &CaseView) {
             if c.required { "" } else { " (optional)" }
         );
     }
+    if !v.attachments.is_empty() {
+        println!("\nattachments (see `fieldcase case files {}`)", v.code);
+        for a in &v.attachments {
+            println!(
+                "  {}  {:<22} {} ({}, {}) by {}{}",
+                a.hash.get(..12).unwrap_or(&a.hash),
+                a.item,
+                a.name,
+                a.media_type,
+                bytes(a.size),
+                a.by_name,
+                if a.note.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", a.note)
+                }
+            );
+        }
+    }
     if !v.conflicts.is_empty() {
         println!(
             "\nCONFLICTS (resolve with `fieldcase case resolve {} FIELD VALUE`)",
@@ -284,4 +304,41 @@ pub fn print_fields(p: &ProcedureDef) {
             }
         );
     }
+}
+
+/// A byte count for people: "5.0 MB", "812 KB", "97 B".
+pub fn bytes(n: u64) -> String {
+    match n {
+        0..=999 => format!("{n} B"),
+        1_000..=999_999 => format!("{:.0} KB", n as f64 / 1e3),
+        _ => format!("{:.1} MB", n as f64 / 1e6),
+    }
+}
+
+pub fn print_files(files: &[FileEntry]) {
+    if files.is_empty() {
+        println!("no attachments");
+        return;
+    }
+    let rows: Vec<Vec<String>> = files
+        .iter()
+        .map(|f| {
+            vec![
+                f.meta.hash.get(..12).unwrap_or(&f.meta.hash).to_string(),
+                f.meta.item.clone(),
+                f.meta.name.clone(),
+                f.meta.media_type.clone(),
+                bytes(f.meta.size),
+                match f.local {
+                    "partial" => format!("partial {}%", f.local_bytes * 100 / f.meta.size.max(1)),
+                    other => other.to_string(),
+                },
+                f.meta.by_name.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &["HASH", "ITEM", "NAME", "TYPE", "SIZE", "LOCAL", "BY"],
+        &rows,
+    );
 }

@@ -782,7 +782,14 @@ pub fn transport_config() -> Result<quinn::TransportConfig, IdentityError> {
         .receive_window(CONNECTION_RECEIVE_WINDOW_BYTES.into())
         .send_window(CONNECTION_SEND_WINDOW_BYTES)
         // The protocol does not use datagrams; don't buffer any.
-        .datagram_receive_buffer_size(None);
+        .datagram_receive_buffer_size(None)
+        // Village links lose packets for reasons that are not congestion
+        // (weak signal, handovers). Loss-based controllers (Cubic, NewReno)
+        // collapse to a fraction of the link at 3% random loss; BBR paces
+        // to the measured bottleneck bandwidth instead.
+        .congestion_controller_factory(
+            std::sync::Arc::new(quinn::congestion::BbrConfig::default()),
+        );
     Ok(t)
 }
 

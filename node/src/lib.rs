@@ -6,12 +6,19 @@
 //! - [`share`]: the one place deciding which cases a peer may see.
 //! - [`net`]: the QUIC transport that drives `fieldcase_sync` sessions.
 //! - [`notify`]: cross-process "a case changed" notifications for live push.
+//! - [`blobs`]: content-addressed attachment bytes beside the database.
+//! - [`transfer`]: attachment streams over QUIC, resumable and verified.
+//! - [`config`]: per-node settings (blob size limit, fetch policy).
 //! - [`node`]: the facade tying them together for the CLI and tests.
 
+pub mod attach;
+pub mod blobs;
 pub mod case;
+pub mod config;
 pub mod identity;
 pub mod net;
 pub mod node;
 pub mod notify;
 pub mod share;
 pub mod store;
+pub mod transfer;

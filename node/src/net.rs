@@ -27,6 +27,7 @@ use crate::node::{now_ms, open_store, NodeError};
 use crate::notify::{ChangeListener, CHANNEL_CAPACITY};
 use crate::share::SharePolicy;
 use crate::store::{MergeError, PeerRow, Store, StoreError};
+use crate::transfer::{self, FetchReport, ProgressSink};
 
 /// Close code: the session converged and ended normally.
 pub const CLOSE_DONE: u32 = 0;
@@ -40,6 +41,10 @@ pub const CLOSE_MISBEHAVED: u32 = 3;
 pub const CLOSE_LOCAL_FAULT: u32 = 4;
 /// Close code: the server is shutting down.
 pub const CLOSE_SHUTDOWN: u32 = 5;
+/// Close code: the two nodes share no protocol version.
+pub const CLOSE_VERSION: u32 = 6;
+/// Close code: the peer ended the session with a Goodbye; we only echo it.
+pub const CLOSE_PEER_GOODBYE: u32 = 7;
 
 /// How long to wait for a QUIC handshake before calling a peer
 /// unreachable. Village links have RTTs near a second; ten leaves room
@@ -273,12 +278,27 @@ pub struct SyncReport {
     pub peer: String,
     /// The session's counters.
     pub stats: SessionStats,
+    /// Attachments downloaded in this session.
+    pub blobs: FetchReport,
 }
 
 impl SyncReport {
-    /// "sync with center: 2 cases sent, 1 case received, 1 new conflict".
+    /// "sync with center: 2 cases sent, 1 case received, 1 new conflict",
+    /// plus the files received when there were any.
     pub fn summary(&self) -> String {
-        summary_line(&self.peer, &self.stats)
+        let mut line = summary_line(&self.peer, &self.stats);
+        if self.blobs.fetched > 0 {
+            line.push_str(&format!(
+                ", {} ({:.1} MB)",
+                plural(
+                    self.blobs.fetched as usize,
+                    "file received",
+                    "files received"
+                ),
+                self.blobs.bytes as f64 / 1e6
+            ));
+        }
+        line
     }
 }
 
@@ -361,8 +381,23 @@ async fn drive(
     config: SessionConfig,
     mut changes: Option<broadcast::Receiver<String>>,
     log: &Logger,
-) -> Result<SessionStats, NetError> {
+    home: &Path,
+    progress: &ProgressSink,
+    only_blob: Option<String>,
+) -> Result<(SessionStats, FetchReport), NetError> {
     let name = peer.name.clone();
+    // Case records outrank attachment bytes on the wire.
+    let _ = send.set_priority(CONTROL_STREAM_PRIORITY);
+    // Serve the peer's attachment requests for as long as the connection
+    // lives; aborted when this session ends.
+    let blob_server = AbortOnDrop(tokio::spawn(transfer::serve_blob_streams(
+        conn.clone(),
+        home.to_path_buf(),
+        peer.clone(),
+    )));
+    let mut fetch: Option<tokio::task::JoinHandle<FetchReport>> = None;
+    let mut refetch = false;
+    let mut blob_totals = FetchReport::default();
     let mut session = Session::new(config);
     let started = blocking(|| session.start(&mut PeerStore::new(store, peer)));
     if let Err(source) = started {
@@ -435,15 +470,45 @@ async fn drive(
                     }
                 }
             }
+            joined = async {
+                match fetch.as_mut() {
+                    Some(handle) => handle.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                fetch = None;
+                let report = joined.unwrap_or_default();
+                blob_totals.fetched += report.fetched;
+                blob_totals.bytes += report.bytes;
+                blob_totals.unavailable += report.unavailable;
+                blob_totals.over_limit += report.over_limit;
+                if let Some(reason) = report.misbehaved {
+                    let reason = format!("misbehaving peer: {reason}");
+                    log(&format!("{name}: {reason}"));
+                    conn.close(CLOSE_MISBEHAVED.into(), truncate(&reason).as_bytes());
+                    return Err(NetError::Refused { peer: name, reason: format!("closed by us: {reason}") });
+                }
+                if let Some(reason) = report.interrupted {
+                    return Err(NetError::ConnectionLost { peer: name, reason: format!("attachment transfer interrupted: {reason}") });
+                }
+                if refetch {
+                    refetch = false;
+                    fetch = Some(tokio::spawn(transfer::fetch_wanted(conn.clone(), home.to_path_buf(), name.clone(), progress.clone(), only_blob.clone())));
+                    Ok(())
+                } else {
+                    session.handle_local_blobs_done()
+                }
+            }
         };
         if let Err(source) = step {
             // Tell the peer why before closing; best effort.
             let _ = flush(&mut session, &mut send, &name).await;
             let _ = send.finish();
-            let (code, reason) = if source.is_peer_fault() {
-                (CLOSE_MISBEHAVED, format!("misbehaving peer: {source}"))
-            } else {
-                (CLOSE_LOCAL_FAULT, source.to_string())
+            let (code, reason) = match &source {
+                e if e.is_peer_fault() => (CLOSE_MISBEHAVED, format!("misbehaving peer: {e}")),
+                SessionError::VersionMismatch { .. } => (CLOSE_VERSION, source.to_string()),
+                SessionError::PeerGoodbye { .. } => (CLOSE_PEER_GOODBYE, source.to_string()),
+                _ => (CLOSE_LOCAL_FAULT, source.to_string()),
             };
             if !matches!(source, SessionError::PeerGoodbye { .. }) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -456,6 +521,18 @@ async fn drive(
             match event {
                 Event::Connected { live: l, .. } => live = l,
                 Event::Quiescent => {
+                    // Case records first, then attachment bytes.
+                    if fetch.is_none() {
+                        fetch = Some(tokio::spawn(transfer::fetch_wanted(
+                            conn.clone(),
+                            home.to_path_buf(),
+                            name.clone(),
+                            progress.clone(),
+                            only_blob.clone(),
+                        )));
+                    } else {
+                        refetch = true;
+                    }
                     // Converged: everything both sides hold is durable on
                     // both sides, so this is a successful sync to record.
                     blocking(|| {
@@ -494,12 +571,39 @@ async fn drive(
             }
         }
     }
-    Ok(session.stats().clone())
+    drop(blob_server);
+    Ok((session.stats().clone(), blob_totals))
+}
+
+/// Priority of the case-sync stream; blob streams keep the default 0.
+const CONTROL_STREAM_PRIORITY: i32 = 10;
+
+/// Aborts a background task when the session that owns it ends.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Close reasons travel in one QUIC frame; keep them short.
 fn truncate(s: &str) -> String {
     s.chars().take(400).collect()
+}
+
+/// A server logs one line per finished or failed attachment download.
+fn server_progress(log: &Logger) -> ProgressSink {
+    let log = log.clone();
+    Arc::new(move |p: &transfer::BlobProgress| {
+        if let transfer::BlobProgress::Finished { hash, ok, message } = p {
+            let short = hash.get(..12).unwrap_or(hash);
+            log(&format!(
+                "attachment {short}: {}{message}",
+                if *ok { "" } else { "failed: " }
+            ));
+        }
+    })
 }
 
 /// Options for an outgoing sync.
@@ -510,6 +614,11 @@ pub struct SyncOptions {
     pub changes: Option<broadcast::Receiver<String>>,
     /// Progress lines.
     pub log: Logger,
+    /// Attachment download progress.
+    pub progress: ProgressSink,
+    /// Fetch only this blob (hex hash), whatever the fetch policy: how
+    /// `case open` gets bytes a metadata-only laptop does not hold.
+    pub only_blob: Option<String>,
 }
 
 /// Connects to `peer`, checks it is the node we pinned, and runs a session.
@@ -581,6 +690,7 @@ pub async fn sync_with(
         let mut store = open_store(home)?;
         let config = SessionConfig {
             live: opts.live,
+            blob_transfer: true,
             ..SessionConfig::default()
         };
         drive(
@@ -592,6 +702,9 @@ pub async fn sync_with(
             config,
             opts.changes,
             &opts.log,
+            home,
+            &opts.progress,
+            opts.only_blob.clone(),
         )
         .await
     }
@@ -604,9 +717,10 @@ pub async fn sync_with(
         ),
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    result.map(|stats| SyncReport {
+    result.map(|(stats, blobs)| SyncReport {
         peer: peer.name.clone(),
         stats,
+        blobs,
     })
 }
 
@@ -617,6 +731,7 @@ pub async fn watch(
     peer: PeerRow,
     changes: broadcast::Sender<String>,
     log: Logger,
+    progress: ProgressSink,
     mut shutdown: broadcast::Receiver<()>,
 ) {
     let mut backoff_ms = BACKOFF_MIN_MS;
@@ -625,6 +740,8 @@ pub async fn watch(
             live: true,
             changes: Some(changes.subscribe()),
             log: log.clone(),
+            progress: progress.clone(),
+            only_blob: None,
         };
         let started = std::time::Instant::now();
         tokio::select! {
@@ -777,18 +894,28 @@ async fn handle_incoming(
             .await
             .map_err(|_| NetError::Stalled { peer: peer.name.clone() })?
             .map_err(|e| describe_close(&peer.name, &e))?;
-        let stats = drive(
+        let (stats, blobs) = drive(
             &conn,
             send,
             recv,
             &mut store,
             &peer,
-            SessionConfig::default(),
+            SessionConfig {
+                blob_transfer: true,
+                ..SessionConfig::default()
+            },
             Some(changes),
             &log,
+            &home,
+            &server_progress(&log),
+            None,
         )
         .await?;
-        Ok::<_, NetError>(Some(SyncReport { peer: peer.name.clone(), stats }))
+        Ok::<_, NetError>(Some(SyncReport {
+            peer: peer.name.clone(),
+            stats,
+            blobs,
+        }))
     }
     .await;
     match result {

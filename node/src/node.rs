@@ -95,6 +95,23 @@ pub enum NodeError {
         /// Who already has it.
         other: String,
     },
+    /// No attachment of the case has that hash.
+    #[error("case {code} has no attachment with hash {hash}; see `fieldcase case files {code}`")]
+    NoSuchFile {
+        /// The case.
+        code: String,
+        /// The hash or prefix given.
+        hash: String,
+    },
+    /// A hash prefix matches several attachments.
+    #[error("hash prefix {0} matches several attachments; give more characters")]
+    AmbiguousFile(String),
+    /// Attachment bytes could not be stored or read.
+    #[error(transparent)]
+    Blob(#[from] crate::blobs::BlobError),
+    /// A setting was refused.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// Keys or certificates failed.
     #[error(transparent)]
     Identity(#[from] IdentityError),

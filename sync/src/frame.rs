@@ -113,6 +113,16 @@ impl FrameDecoder {
         self.buf.len() - self.start
     }
 
+    /// Hands back the bytes buffered after the last complete frame. A blob
+    /// stream switches from frames to raw bytes after its header, and the
+    /// first raw bytes may have arrived in the same read as the header.
+    pub fn take_remaining(&mut self) -> Vec<u8> {
+        let rest = self.buf[self.start..].to_vec();
+        self.buf.clear();
+        self.start = 0;
+        rest
+    }
+
     /// Call when the peer finished its stream: leftover bytes mean the peer
     /// stopped mid-frame.
     pub fn finish(&self) -> Result<(), FrameError> {
