@@ -207,16 +207,27 @@ impl LinkProfile {
     /// behind a domestic fibre line in a district town; replace with field
     /// measurements when we have them): ~20 ms RTT, ±2 ms jitter,
     /// 20 Mbit/s, 0.1 % random loss, no reordering or duplication seen at
-    /// the IP layer (block ack delivers in order). Buffer ≈ 1.5 × BDP
-    /// (BDP = 20 Mbit/s × 20 ms = 50 KB) = 75 KB.
+    /// the IP layer (block ack delivers in order). Buffer 256 KB, about
+    /// 100 ms at 20 Mbit/s: access points and home routers queue hundreds
+    /// of packets, far more than the 1.5 × BDP (75 KB) of a core router.
     pub fn good_wifi() -> Self {
         LinkProfile {
             rtt: Duration::from_millis(20),
             jitter: Duration::from_millis(2),
             bandwidth_bps: Some(20_000_000),
-            queue_bytes: 75_000,
+            queue_bytes: 256 * 1024,
             loss: 0.001,
             ..Self::perfect()
+        }
+    }
+
+    /// The same link with a 64 KB bottleneck queue, the shallow end of what
+    /// operators configure; for showing how the transport copes with
+    /// tail drops as well as random loss.
+    pub fn shallow_buffer(self) -> Self {
+        LinkProfile {
+            queue_bytes: 64 * 1024,
+            ..self
         }
     }
 
@@ -225,8 +236,13 @@ impl LinkProfile {
     /// Figures (assumptions from typical HSPA behaviour on a medium-weak
     /// signal in rural Vietnam — speed tests there commonly report 1–3
     /// Mbit/s and 200–400 ms RTT; replace with field measurements when we
-    /// have them): 300 ms RTT, ±30 ms jitter, 2 Mbit/s, 64 KB buffer
-    /// (≈ 0.85 × BDP of 75 KB; operators' buffers vary a lot).
+    /// have them): 300 ms RTT, ±30 ms jitter, 2 Mbit/s, 250 KB buffer
+    /// (about 1 s at 2 Mbit/s: 3G radio network controllers keep deep
+    /// per-user queues; measurements of 3G/4G bufferbloat, e.g. Jiang et
+    /// al., "Tackling Bufferbloat in 3G/4G Networks", IMC 2012, saw
+    /// queueing delays of seconds). [`LinkProfile::shallow_buffer`] gives
+    /// the same link with a 64 KB queue, where BBR overshoots and loses
+    /// much more; the blob benchmark reports both.
     ///
     /// Loss ≈ 3 %: 2 % independent plus mild bursts (Gilbert-Elliott: Good→Bad
     /// 0.5 %, Bad→Good 50 %, so Bad ≈ 0.99 % of the time, 2 datagrams per
@@ -239,7 +255,7 @@ impl LinkProfile {
             rtt: Duration::from_millis(300),
             jitter: Duration::from_millis(30),
             bandwidth_bps: Some(2_000_000),
-            queue_bytes: 64 * 1024,
+            queue_bytes: 250_000,
             loss: 0.02,
             burst: Some(GilbertElliott {
                 p_good_to_bad: 0.005,
@@ -261,8 +277,8 @@ impl LinkProfile {
     /// RTT near a second, losses in bursts as the signal fades, and the
     /// link disappearing entirely for seconds; replace with field
     /// measurements when we have them): 800 ms RTT, ±100 ms jitter,
-    /// 256 kbit/s, buffer ≈ 1.5 × BDP (BDP = 256 kbit/s × 800 ms = 25.6 KB)
-    /// = 38.4 KB.
+    /// 256 kbit/s, 64 KB buffer (2 s at 256 kbit/s, the same deep-queue
+    /// reasoning as [`LinkProfile::village_3g`]; BDP is only 25.6 KB).
     ///
     /// Loss 10 %, bursty (Gilbert-Elliott only): Good→Bad 2.5 %, Bad→Good
     /// 25 % (Bad ≈ 9.09 % of the time, 4 datagrams per spell on average),
@@ -274,7 +290,7 @@ impl LinkProfile {
             rtt: Duration::from_millis(800),
             jitter: Duration::from_millis(100),
             bandwidth_bps: Some(256_000),
-            queue_bytes: 38_400,
+            queue_bytes: 64 * 1024,
             loss: 0.0,
             burst: Some(GilbertElliott {
                 p_good_to_bad: 0.025,
