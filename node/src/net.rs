@@ -221,7 +221,15 @@ impl CaseStore for PeerStore<'_> {
         if !self.policy.shares_code(case.as_str()) {
             return Ok(None);
         }
-        self.store.load_case(case.as_str()).map_err(fault)
+        match self.store.load_case(case.as_str()) {
+            // A damaged local copy counts as absent: the peer then sends
+            // the whole case and the commit rebuilds it.
+            Err(StoreError::CorruptCase { .. }) => {
+                self.store.mark_damaged(case.as_str()).map_err(fault)?;
+                Ok(None)
+            }
+            other => other.map_err(fault),
+        }
     }
 
     fn load_sync_state(&mut self, case: &CaseId) -> Result<Option<Vec<u8>>, StoreFault> {

@@ -79,6 +79,16 @@ pub enum NodeError {
     /// The edited document failed validation; nothing was written.
     #[error("change refused: {0}")]
     Rejected(String),
+    /// The stored copy of a case failed its integrity check on read.
+    #[error("case {code} is damaged on this node ({reason}){}", if *.marked { "; it will be re-fetched from a peer at the next sync" } else { "" })]
+    Damaged {
+        /// The case.
+        code: String,
+        /// What was wrong.
+        reason: String,
+        /// Whether it was marked for repair by the next sync.
+        marked: bool,
+    },
     /// No trusted peer has this name.
     #[error("no trusted peer named '{0}'; see `fieldcase peer list`")]
     UnknownPeer(String),
@@ -288,6 +298,14 @@ impl Node {
             .store
             .update_case(code, |doc| f(doc, &author, now))
             .map_err(|e| match e {
+                UpdateError::Store(StoreError::CorruptCase { code, reason }) => {
+                    let marked = self.store.mark_damaged(&code).is_ok();
+                    NodeError::Damaged {
+                        code,
+                        reason,
+                        marked,
+                    }
+                }
                 UpdateError::NotFound(code) => NodeError::UnknownCase(code),
                 UpdateError::Op(e) => NodeError::Case(e),
                 UpdateError::Rejected(reason) => NodeError::Rejected(reason),
@@ -300,10 +318,26 @@ impl Node {
     /// The full view of one case.
     pub fn show(&self, code: &str) -> Result<CaseView, NodeError> {
         let doc = self
-            .store
-            .load_case(code)?
+            .load_checked(code)?
             .ok_or_else(|| NodeError::UnknownCase(code.to_string()))?;
         Ok(case::view(&doc)?)
+    }
+
+    /// Loads a case; a damaged stored copy is marked for repair from a peer
+    /// and reported as such.
+    fn load_checked(&self, code: &str) -> Result<Option<Automerge>, NodeError> {
+        match self.store.load_case(code) {
+            Err(StoreError::CorruptCase { code, reason }) => {
+                // A second connection marks it: `show` takes `&self`.
+                let marked = open_store(&self.home).and_then(|mut s| Ok(s.mark_damaged(&code)?));
+                Err(NodeError::Damaged {
+                    code,
+                    reason,
+                    marked: marked.is_ok(),
+                })
+            }
+            other => Ok(other?),
+        }
     }
 
     /// Cases matching a filter, from the projection table.

@@ -909,6 +909,18 @@ impl Store {
         Ok(loaded.map(|l| l.doc))
     }
 
+    /// Marks a case whose stored bytes failed to load as damaged, by
+    /// clearing its recorded heads. Its inventory entry then differs from
+    /// every peer's, so the next sync with a peer that holds it sends the
+    /// whole case, and [`Store::merge_remote`] rebuilds it. The damaged
+    /// bytes are kept until then (nothing is deleted on a read).
+    pub fn mark_damaged(&mut self, code: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute("UPDATE cases SET heads = X'' WHERE code = ?1", [code])
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
     /// The recorded heads of a case (sorted), without loading it.
     pub fn case_heads(&self, code: &str) -> Result<Option<Vec<ChangeHash>>, StoreError> {
         let blob: Option<Vec<u8>> = self
@@ -953,9 +965,19 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql)?;
-        let (mut doc, before, chunks, created) = match load_doc(&tx, &path, code)? {
-            Some(l) => (l.doc, l.heads, l.chunks, false),
-            None => (Automerge::new(), Vec::new(), 0, true),
+        let (mut doc, before, chunks, created) = match load_doc(&tx, &path, code) {
+            Ok(Some(l)) => (l.doc, l.heads, l.chunks, false),
+            Ok(None) => (Automerge::new(), Vec::new(), 0, true),
+            // Our stored copy is damaged: rebuild the case from what the
+            // peer sends, replacing the damaged rows in this transaction.
+            Err(StoreError::CorruptCase { .. }) => {
+                tx.execute("DELETE FROM case_changes WHERE code = ?1", [code])
+                    .map_err(sql)?;
+                tx.execute("DELETE FROM cases WHERE code = ?1", [code])
+                    .map_err(sql)?;
+                (Automerge::new(), Vec::new(), 0, true)
+            }
+            Err(e) => return Err(e.into()),
         };
         doc.merge(&mut incoming.clone())
             .map_err(|e| MergeError::Rejected(format!("changes cannot be applied: {e}")))?;
