@@ -324,7 +324,164 @@ impl Node {
     /// Starts `serve --listen 127.0.0.1:0` and waits (bounded) until it
     /// prints its address.
     pub fn serve(&self) -> Result<Server> {
-        Server::start(self)
+        Server::start(self, "127.0.0.1:0")
+    }
+
+    /// Starts `serve --listen ADDR` (e.g. the address of a server that was
+    /// killed, so that a relay pointing at it keeps working) and waits
+    /// (bounded) until it prints its address.
+    pub fn serve_on(&self, listen: &str) -> Result<Server> {
+        Server::start(self, listen)
+    }
+
+    /// Runs a command to completion (any exit status), killing it after
+    /// `timeout` instead of [`COMMAND_TIMEOUT`]: for transfers over slow
+    /// links.
+    pub fn run_for(&self, args: &[&str], timeout: Duration) -> Result<Output> {
+        run_bounded(self.command(args), timeout)
+    }
+
+    /// Starts a command without waiting for it (for example a `sync` to be
+    /// cut off midway).
+    pub fn spawn(&self, args: &[&str]) -> Result<Running> {
+        Running::start(self.command(args))
+    }
+
+    /// `config set KEY VALUE`, requiring success.
+    pub fn config_set(&self, key: &str, value: &str) -> Result<()> {
+        self.ok(&["config", "set", key, value])?;
+        Ok(())
+    }
+
+    /// `case attach CODE ITEM FILE --json`, requiring success; returns the
+    /// attachment as recorded (hash, size, media_type, name, item...).
+    pub fn attach(&self, code: &str, item: &str, file: &Path) -> Result<Value> {
+        let file = file
+            .to_str()
+            .ok_or_else(|| anyhow!("not a UTF-8 path: {}", file.display()))?;
+        let out = self.ok(&["case", "attach", code, item, file, "--json"])?;
+        serde_json::from_str(&out.stdout)
+            .with_context(|| format!("case attach --json is not JSON:\n{}", out.stdout))
+    }
+
+    /// `case files CODE --json`, parsed (one object per attachment, with
+    /// `local` = `present`, `partial` or `missing`).
+    pub fn files_json(&self, code: &str) -> Result<Vec<Value>> {
+        let out = self.ok(&["case", "files", code, "--json"])?;
+        let v: Value = serde_json::from_str(&out.stdout)
+            .with_context(|| format!("case files --json is not JSON:\n{}", out.stdout))?;
+        match v {
+            Value::Array(a) => Ok(a),
+            other => bail!("case files --json is not an array: {other}"),
+        }
+    }
+
+    /// Where the verified bytes of blob `hash` live in this node's home.
+    pub fn blob_path(&self, hash: &str) -> PathBuf {
+        self.home().join("blobs").join(&hash[..2]).join(hash)
+    }
+
+    /// Where an interrupted download of blob `hash` is kept.
+    pub fn partial_path(&self, hash: &str) -> PathBuf {
+        self.home()
+            .join("blobs")
+            .join("partial")
+            .join(format!("{hash}.part"))
+    }
+}
+
+/// A CLI process started with [`Node::spawn`], its output collected in
+/// the background. Killed (SIGKILL) on drop.
+pub struct Running {
+    cmd: String,
+    child: Option<Child>,
+    stdout: Option<thread::JoinHandle<String>>,
+    stderr: Option<thread::JoinHandle<String>>,
+}
+
+impl Running {
+    fn start(mut cmd: Command) -> Result<Running> {
+        let text = format!("{cmd:?}");
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {text}"))?;
+        let stdout = drain(child.stdout.take().expect("piped"));
+        let stderr = drain(child.stderr.take().expect("piped"));
+        Ok(Running {
+            cmd: text,
+            child: Some(child),
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+        })
+    }
+
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash or a closed lid
+    /// would, and returns what it printed until then.
+    pub fn kill(mut self) -> Result<Output> {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let status = child.wait()?;
+        Ok(self.output(status))
+    }
+
+    /// Waits (bounded) for the process to exit; kills it after `timeout`.
+    pub fn wait(mut self, timeout: Duration) -> Result<Output> {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let status = child.wait()?;
+                let out = self.output(status);
+                bail!(
+                    "`{}` did not finish within {timeout:?}; killed\n{}",
+                    out.cmd,
+                    out.describe()
+                );
+            }
+            thread::sleep(POLL);
+        };
+        Ok(self.output(status))
+    }
+
+    fn output(&mut self, status: ExitStatus) -> Output {
+        let join = |h: Option<thread::JoinHandle<String>>| {
+            h.and_then(|h| h.join().ok()).unwrap_or_default()
+        };
+        Output {
+            cmd: self.cmd.clone(),
+            status,
+            stdout: join(self.stdout.take()),
+            stderr: join(self.stderr.take()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -338,7 +495,9 @@ pub struct Snapshot {
 }
 
 /// The parsed one-line sync summary:
-/// `sync with PEER: N case(s) sent, M case(s) received, K new conflict(s)`.
+/// `sync with PEER: N case(s) sent, M case(s) received, K new conflict(s)`,
+/// followed by `, F file(s) received (X.Y MB)` when attachments arrived
+/// (see [`Summary::files_received`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
     pub sent: usize,
@@ -353,9 +512,10 @@ impl Summary {
         let rest = line.strip_prefix("sync with ").ok_or_else(bad)?;
         let (_, counts) = rest.split_once(": ").ok_or_else(bad)?;
         let parts: Vec<&str> = counts.split(", ").collect();
-        if parts.len() != 3 {
+        if parts.len() != 3 && parts.len() != 4 {
             return Err(bad());
         }
+        Summary::files_received(line)?;
         let count = |part: &str, one: &str, many: &str| -> Result<usize> {
             let (n, what) = part.split_once(' ').ok_or_else(bad)?;
             let n: usize = n.parse().map_err(|_| bad())?;
@@ -371,6 +531,32 @@ impl Summary {
             new_conflicts: count(parts[2], "new conflict", "new conflicts")?,
         })
     }
+
+    /// The files part of a summary line, `F file(s) received (X.Y MB)`, as
+    /// (F, X.Y); `None` when the line has none. Checks the plural.
+    pub fn files_received(line: &str) -> Result<Option<(usize, f64)>> {
+        let bad = || anyhow!("not a sync summary line with files: {line:?}");
+        let Some((_, counts)) = line.split_once(": ") else {
+            return Err(bad());
+        };
+        let parts: Vec<&str> = counts.split(", ").collect();
+        let Some(part) = parts.get(3) else {
+            return Ok(None);
+        };
+        let (n, rest) = part.split_once(' ').ok_or_else(bad)?;
+        let n: usize = n.parse().map_err(|_| bad())?;
+        let expected = if n == 1 {
+            "file received ("
+        } else {
+            "files received ("
+        };
+        let mb = rest
+            .strip_prefix(expected)
+            .and_then(|r| r.strip_suffix(" MB)"))
+            .ok_or_else(|| anyhow!("in {line:?}: expected '{n} {expected}X MB)', got '{part}'"))?;
+        let mb: f64 = mb.parse().map_err(|_| bad())?;
+        Ok(Some((n, mb)))
+    }
 }
 
 /// A running `fieldcase serve`. Killed (SIGKILL) on drop.
@@ -382,8 +568,8 @@ pub struct Server {
 }
 
 impl Server {
-    fn start(node: &Node) -> Result<Server> {
-        let mut cmd = node.command(&["serve", "--listen", "127.0.0.1:0"]);
+    fn start(node: &Node, listen: &str) -> Result<Server> {
+        let mut cmd = node.command(&["serve", "--listen", listen]);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
