@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use automerge::{Automerge, ChangeHash};
+use fieldcase_sync::store::ChangedCase;
+use fieldcase_sync::wire::StoreId;
 use fieldcase_sync::{
     CaseId, CaseStore, CommitError, CommitOutcome, Event, Session, SessionConfig, SessionError,
     SessionStats, StoreFault,
@@ -145,6 +147,15 @@ pub enum NetError {
         /// The protocol error.
         source: SessionError,
     },
+    /// The peer sent bytes that broke the rules (attachment bytes that do
+    /// not match their hash, say); we closed the connection.
+    #[error("closed the connection to {peer}: {reason}")]
+    PeerMisbehaved {
+        /// The peer.
+        peer: String,
+        /// What it did.
+        reason: String,
+    },
     /// The peer sent nothing for too long.
     #[error("{peer} stopped responding")]
     Stalled {
@@ -166,6 +177,7 @@ impl NetError {
     /// True when the peer misbehaved (as opposed to the link or us).
     pub fn is_peer_fault(&self) -> bool {
         matches!(self, NetError::Session { source, .. } if source.is_peer_fault())
+            || matches!(self, NetError::PeerMisbehaved { .. })
     }
 }
 
@@ -203,18 +215,51 @@ fn fault(e: StoreError) -> StoreFault {
 }
 
 impl CaseStore for PeerStore<'_> {
-    fn inventory(&mut self) -> Result<Vec<(CaseId, Vec<ChangeHash>)>, StoreFault> {
-        let mut out = Vec::new();
-        for (code, heads) in self.store.inventory().map_err(fault)? {
-            if !self.policy.shares_code(&code) {
-                continue;
-            }
+    fn store_id(&mut self) -> Result<StoreId, StoreFault> {
+        self.store.store_id().map_err(fault)
+    }
+
+    fn current_seq(&mut self) -> Result<u64, StoreFault> {
+        self.store.update_seq().map_err(fault)
+    }
+
+    fn changes_page(
+        &mut self,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<(Vec<ChangedCase>, u64), StoreFault> {
+        let page = self.store.changes_page(after, upto, limit).map_err(fault)?;
+        let last = if page.len() == limit {
+            page.last().map(|(seq, _, _)| *seq).unwrap_or(upto)
+        } else {
+            upto
+        };
+        let shared = page
+            .into_iter()
+            .filter(|(_, code, _)| self.policy.shares_code(code))
             // Codes in our own store were validated on the way in.
-            if let Ok(id) = CaseId::new(&code) {
-                out.push((id, heads));
-            }
-        }
-        Ok(out)
+            .filter_map(|(seq, code, heads)| {
+                CaseId::new(&code)
+                    .ok()
+                    .map(|case| ChangedCase { seq, case, heads })
+            })
+            .collect();
+        Ok((shared, last))
+    }
+
+    fn heads(&mut self, case: &CaseId) -> Result<Option<Vec<ChangeHash>>, StoreFault> {
+        self.store.case_heads(case.as_str()).map_err(fault)
+    }
+
+    fn peer_cursor(&mut self) -> Result<Option<(StoreId, u64)>, StoreFault> {
+        self.store.peer_cursor(&self.peer_id).map_err(fault)
+    }
+
+    fn save_peer_cursor(&mut self, store_id: StoreId, seq: u64) -> Result<(), StoreFault> {
+        self.store
+            .save_peer_cursor(&self.peer_id, store_id, seq)
+            .map_err(fault)
     }
 
     fn load(&mut self, case: &CaseId) -> Result<Option<Automerge>, StoreFault> {
@@ -363,26 +408,10 @@ fn write_error(peer: &str, e: quinn::WriteError) -> NetError {
     }
 }
 
-/// Sends every queued frame.
-async fn flush(
-    session: &mut Session,
-    send: &mut quinn::SendStream,
-    peer: &str,
-) -> Result<(), NetError> {
-    while let Some(frame) = session.poll_transmit() {
-        send.write_all(&frame)
-            .await
-            .map_err(|e| write_error(peer, e))?;
-    }
-    Ok(())
-}
-
-/// Drives one session over one bidirectional stream until it converges
-/// (one-shot) or the connection ends (live).
 #[allow(clippy::too_many_arguments)] // each argument is one distinct piece of the session's context
 async fn drive(
     conn: &quinn::Connection,
-    mut send: quinn::SendStream,
+    send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     store: &mut Store,
     peer: &PeerRow,
@@ -396,6 +425,13 @@ async fn drive(
     let name = peer.name.clone();
     // Case records outrank attachment bytes on the wire.
     let _ = send.set_priority(CONTROL_STREAM_PRIORITY);
+    // Writing happens in its own task, fed through a bounded queue: if we
+    // wrote inline, two peers each blocked on the other's full receive
+    // window would never read again (a flow-control deadlock). The bound
+    // is what keeps a session's memory flat while it streams 100,000 cases.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(WRITE_QUEUE_FRAMES);
+    let mut writer = Some(tokio::spawn(write_frames(send, rx)));
+    let mut tx = Some(tx);
     // Serve the peer's attachment requests for as long as the connection
     // lives; aborted when this session ends.
     let blob_server = AbortOnDrop(tokio::spawn(transfer::serve_blob_streams(
@@ -411,120 +447,159 @@ async fn drive(
     if let Err(source) = started {
         return Err(NetError::Session { peer: name, source });
     }
-    flush(&mut session, &mut send, &name).await?;
 
     let mut buf = vec![0u8; READ_CHUNK_BYTES];
     let mut we_finished = false;
     let mut live = false;
     let mut reported = SessionStats::default();
     loop {
-        let stall = if we_finished {
-            Duration::from_millis(FINISH_TIMEOUT_MS)
-        } else if live {
-            // Live sessions are quiet for hours; QUIC's idle timeout and
-            // keep-alives decide when the link is gone.
-            Duration::from_secs(365 * 24 * 3600)
-        } else {
-            Duration::from_millis(SESSION_STALL_TIMEOUT_MS)
+        // Hand the writer whatever it has room for, generating more
+        // (listings, offers) from the store as the queue drains.
+        let step = match tx.as_ref() {
+            Some(queue) => feed_writer(&mut session, queue, store, peer),
+            None => Ok(()),
         };
-        let step: Result<(), SessionError> = tokio::select! {
-            read = tokio::time::timeout(stall, recv.read(&mut buf)) => {
-                match read {
-                    Err(_) if we_finished => break,
-                    Err(_) => {
-                        conn.close(CLOSE_MISBEHAVED.into(), b"session stalled");
-                        return Err(NetError::Stalled { peer: name });
-                    }
-                    Ok(Err(e)) => return Err(read_error(&name, e)),
-                    Ok(Ok(Some(n))) => blocking(|| {
-                        session.handle_bytes(&buf[..n], &mut PeerStore::new(store, peer))
-                    }),
-                    Ok(Ok(None)) => {
-                        let r = session.handle_peer_finished();
-                        if r.is_ok() && we_finished {
-                            break;
+        let step = match step {
+            Err(source) => Err(source),
+            Ok(()) => {
+                let wants_room = tx.is_some() && (session.has_queued() || session.has_backlog());
+                let stall = if we_finished {
+                    Duration::from_millis(FINISH_TIMEOUT_MS)
+                } else if live {
+                    // Live sessions are quiet for hours; QUIC's idle timeout
+                    // and keep-alives decide when the link is gone.
+                    Duration::from_secs(365 * 24 * 3600)
+                } else {
+                    Duration::from_millis(SESSION_STALL_TIMEOUT_MS)
+                };
+                tokio::select! {
+                    room = async {
+                        match tx.as_ref() {
+                            Some(queue) => queue.reserve().await.map(drop),
+                            None => std::future::pending().await,
                         }
-                        if r.is_ok() {
-                            // Peer finished but we have not converged: the
-                            // session state machine decides; wait no more.
+                    }, if wants_room => {
+                        match room {
+                            Ok(()) => Ok(()),
+                            Err(_) => return Err(writer_error(&name, writer.take()).await),
+                        }
+                    }
+                    read = tokio::time::timeout(stall, recv.read(&mut buf)) => {
+                        match read {
+                            Err(_) if we_finished => break,
+                            Err(_) => {
+                                conn.close(CLOSE_MISBEHAVED.into(), b"session stalled");
+                                return Err(NetError::Stalled { peer: name });
+                            }
+                            // The peer closed after we both converged: done.
+                            Ok(Err(quinn::ReadError::ConnectionLost(
+                                quinn::ConnectionError::ApplicationClosed(c),
+                            ))) if we_finished && c.error_code == CLOSE_DONE.into() => break,
+                            Ok(Err(e)) => return Err(read_error(&name, e)),
+                            Ok(Ok(Some(n))) => blocking(|| {
+                                session.handle_bytes(&buf[..n], &mut PeerStore::new(store, peer))
+                            }),
+                            Ok(Ok(None)) => {
+                                let r = session.handle_peer_finished();
+                                if r.is_ok() && we_finished {
+                                    break;
+                                }
+                                if r.is_ok() {
+                                    return Err(NetError::ConnectionLost {
+                                        peer: name,
+                                        reason: "peer ended the session early".into(),
+                                    });
+                                }
+                                r
+                            }
+                        }
+                    }
+                    code = async {
+                        match changes.as_mut() {
+                            Some(rx) => rx.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    }, if live => {
+                        match code {
+                            Ok(code) => match CaseId::new(&code) {
+                                Ok(id) => blocking(|| {
+                                    session.handle_local_change(&id, &mut PeerStore::new(store, peer))
+                                }),
+                                Err(_) => Ok(()),
+                            },
+                            // Lagged: some notifications were dropped. Nothing
+                            // is lost; they go out on the next session.
+                            Err(broadcast::error::RecvError::Lagged(_)) => Ok(()),
+                            Err(broadcast::error::RecvError::Closed) => {
+                                changes = None;
+                                Ok(())
+                            }
+                        }
+                    }
+                    joined = async {
+                        match fetch.as_mut() {
+                            Some(handle) => handle.await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        fetch = None;
+                        let report = joined.unwrap_or_default();
+                        blob_totals.fetched += report.fetched;
+                        blob_totals.bytes += report.bytes;
+                        blob_totals.unavailable += report.unavailable;
+                        blob_totals.over_limit += report.over_limit;
+                        if let Some(reason) = report.misbehaved {
+                            let reason = format!("misbehaving peer: {reason}");
+                            log(&format!("{name}: {reason}"));
+                            conn.close(CLOSE_MISBEHAVED.into(), truncate(&reason).as_bytes());
+                            return Err(NetError::PeerMisbehaved { peer: name, reason });
+                        }
+                        if let Some(reason) = report.interrupted {
                             return Err(NetError::ConnectionLost {
                                 peer: name,
-                                reason: "peer ended the session early".into(),
+                                reason: format!("attachment transfer interrupted: {reason}"),
                             });
                         }
-                        r
+                        if refetch {
+                            refetch = false;
+                            fetch = Some(tokio::spawn(transfer::fetch_wanted(
+                                conn.clone(),
+                                home.to_path_buf(),
+                                name.clone(),
+                                progress.clone(),
+                                only_blob.clone(),
+                            )));
+                            Ok(())
+                        } else {
+                            blocking(|| {
+                                session.handle_local_blobs_done(&mut PeerStore::new(store, peer))
+                            })
+                        }
                     }
-                }
-            }
-            code = async {
-                match changes.as_mut() {
-                    Some(rx) => rx.recv().await,
-                    None => std::future::pending().await,
-                }
-            }, if live => {
-                match code {
-                    Ok(code) => match CaseId::new(&code) {
-                        Ok(id) => blocking(|| {
-                            session.handle_local_change(&id, &mut PeerStore::new(store, peer))
-                        }),
-                        Err(_) => Ok(()),
-                    },
-                    // Lagged: some notifications were dropped. Nothing is
-                    // lost; they go out on the next session.
-                    Err(broadcast::error::RecvError::Lagged(_)) => Ok(()),
-                    Err(broadcast::error::RecvError::Closed) => {
-                        changes = None;
-                        Ok(())
-                    }
-                }
-            }
-            joined = async {
-                match fetch.as_mut() {
-                    Some(handle) => handle.await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                fetch = None;
-                let report = joined.unwrap_or_default();
-                blob_totals.fetched += report.fetched;
-                blob_totals.bytes += report.bytes;
-                blob_totals.unavailable += report.unavailable;
-                blob_totals.over_limit += report.over_limit;
-                if let Some(reason) = report.misbehaved {
-                    let reason = format!("misbehaving peer: {reason}");
-                    log(&format!("{name}: {reason}"));
-                    conn.close(CLOSE_MISBEHAVED.into(), truncate(&reason).as_bytes());
-                    return Err(NetError::Refused { peer: name, reason: format!("closed by us: {reason}") });
-                }
-                if let Some(reason) = report.interrupted {
-                    return Err(NetError::ConnectionLost { peer: name, reason: format!("attachment transfer interrupted: {reason}") });
-                }
-                if refetch {
-                    refetch = false;
-                    fetch = Some(tokio::spawn(transfer::fetch_wanted(conn.clone(), home.to_path_buf(), name.clone(), progress.clone(), only_blob.clone())));
-                    Ok(())
-                } else {
-                    session.handle_local_blobs_done()
                 }
             }
         };
         if let Err(source) = step {
-            // Tell the peer why before closing; best effort.
-            let _ = flush(&mut session, &mut send, &name).await;
-            let _ = send.finish();
+            // Tell the peer why before closing; best effort, bounded.
+            if let Some(queue) = tx.take() {
+                while let Some(frame) = session.poll_transmit() {
+                    if queue.try_send(frame).is_err() {
+                        break;
+                    }
+                }
+            }
+            if let Some(w) = writer.take() {
+                let _ = tokio::time::timeout(Duration::from_millis(500), w).await;
+            }
             let (code, reason) = match &source {
                 e if e.is_peer_fault() => (CLOSE_MISBEHAVED, format!("misbehaving peer: {e}")),
                 SessionError::VersionMismatch { .. } => (CLOSE_VERSION, source.to_string()),
                 SessionError::PeerGoodbye { .. } => (CLOSE_PEER_GOODBYE, source.to_string()),
                 _ => (CLOSE_LOCAL_FAULT, source.to_string()),
             };
-            if !matches!(source, SessionError::PeerGoodbye { .. }) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
             conn.close(code.into(), truncate(&reason).as_bytes());
             return Err(NetError::Session { peer: name, source });
         }
-        flush(&mut session, &mut send, &name).await?;
         while let Some(event) = session.poll_event() {
             match event {
                 Event::Connected { live: l, .. } => live = l,
@@ -574,13 +649,91 @@ async fn drive(
                 }
                 Event::Finished => {
                     we_finished = true;
-                    let _ = send.finish();
+                    // Everything queued goes out, then the writer finishes
+                    // the stream and waits (bounded) until the peer has it.
+                    if let Some(queue) = tx.take() {
+                        while let Some(frame) = session.poll_transmit() {
+                            if queue.send(frame).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
                 }
             }
         }
     }
+    if let Some(queue) = tx.take() {
+        drop(queue);
+    }
+    if let Some(w) = writer.take() {
+        let _ = tokio::time::timeout(Duration::from_millis(FINISH_TIMEOUT_MS), w).await;
+    }
     drop(blob_server);
     Ok((session.stats().clone(), blob_totals))
+}
+
+/// Frames queued between a session and its stream writer.
+const WRITE_QUEUE_FRAMES: usize = 64;
+
+/// Moves frames from the session to the writer queue while it has room,
+/// generating more from the store as needed.
+fn feed_writer(
+    session: &mut Session,
+    queue: &tokio::sync::mpsc::Sender<Vec<u8>>,
+    store: &mut Store,
+    peer: &PeerRow,
+) -> Result<(), SessionError> {
+    loop {
+        let Ok(permit) = queue.try_reserve() else {
+            return Ok(());
+        };
+        match session.poll_transmit() {
+            Some(frame) => permit.send(frame),
+            None if session.has_backlog() => {
+                drop(permit);
+                blocking(|| session.fill(&mut PeerStore::new(store, peer)))?;
+                if !session.has_queued() {
+                    return Ok(());
+                }
+            }
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Writes queued frames to the stream; when the queue closes, finishes
+/// the stream and waits (bounded) until the peer has read it all, so the
+/// connection is not closed under our last frames.
+async fn write_frames(
+    mut send: quinn::SendStream,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+) -> Result<(), quinn::WriteError> {
+    while let Some(frame) = rx.recv().await {
+        send.write_all(&frame).await?;
+    }
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_millis(FINISH_TIMEOUT_MS), send.stopped()).await;
+    Ok(())
+}
+
+/// The writer stopped taking frames: say why.
+async fn writer_error(
+    peer: &str,
+    writer: Option<tokio::task::JoinHandle<Result<(), quinn::WriteError>>>,
+) -> NetError {
+    match writer {
+        Some(w) => match w.await {
+            Ok(Err(e)) => write_error(peer, e),
+            _ => NetError::ConnectionLost {
+                peer: peer.to_string(),
+                reason: "stream writer ended".into(),
+            },
+        },
+        None => NetError::ConnectionLost {
+            peer: peer.to_string(),
+            reason: "stream writer ended".into(),
+        },
+    }
 }
 
 /// Priority of the case-sync stream; blob streams keep the default 0.

@@ -20,7 +20,7 @@
 //!   it describes: both are written in the same transaction;
 //! - panic on anything read from disk or received from a peer.
 //!
-//! # Schema (version 2, `PRAGMA user_version`)
+//! # Schema (version 3, `PRAGMA user_version`)
 //!
 //! - `meta(key, value)`: free-form node settings (node name, role, ...).
 //! - `counters(name, value)`: integer counters that must survive crashes:
@@ -47,8 +47,14 @@
 //!   projection columns on every write, so "which blobs do I lack" and "may
 //!   I serve this blob" never load a document. Indexed by hash.
 //!
-//! Version 1 databases are migrated on open: the table is created and
-//! filled by re-projecting every stored case, in one transaction.
+//! - `peer_cursors(peer, store_id, seq)` (since version 3): how far each
+//!   peer's change listing has been fully received and committed here, and
+//!   which of the peer's stores that count refers to. `meta.store_id` is
+//!   this store's own random identity, made once.
+//!
+//! Older databases are migrated on open, in one transaction: version 1
+//! gets `case_blobs`, filled by re-projecting every stored case; version 2
+//! gets `peer_cursors` and a store id.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -68,7 +74,7 @@ pub const COMPACT_THRESHOLD: usize = 32;
 pub const BUSY_TIMEOUT_MS: u64 = 5_000;
 
 /// Schema version written to `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Longest accepted case code, in bytes. Codes arrive from peers; the bound
 /// keeps a hostile or buggy peer from filling indexes with huge keys.
@@ -677,6 +683,20 @@ CREATE INDEX case_blobs_hash ON case_blobs (hash);
 PRAGMA user_version = 2;
 ";
 
+/// Version 2 -> 3: per-peer change cursors (the random store id that
+/// cursors refer to is added to `meta` by [`Store::migrate`]).
+const SCHEMA_V3: &str = "
+CREATE TABLE peer_cursors (
+    peer     TEXT PRIMARY KEY,
+    store_id BLOB NOT NULL,
+    seq      INTEGER NOT NULL
+) WITHOUT ROWID;
+PRAGMA user_version = 3;
+";
+
+/// Meta key of this store's random identity (16 bytes).
+const META_STORE_ID: &str = "store_id";
+
 /// The node's database. One per process; not shared between threads
 /// (wrap it in a mutex or give it to one task).
 pub struct Store {
@@ -779,9 +799,26 @@ impl Store {
             }
             tx.execute_batch(SCHEMA_V1).map_err(sql)?;
         }
-        // Now at version 1.
-        tx.execute_batch(SCHEMA_V2).map_err(sql)?;
-        backfill_blobs(&tx, &path, projector)?;
+        // Now at version 1 or later.
+        if found < 2 {
+            tx.execute_batch(SCHEMA_V2).map_err(sql)?;
+            backfill_blobs(&tx, &path, projector)?;
+        }
+        if found < 3 {
+            tx.execute_batch(SCHEMA_V3).map_err(sql)?;
+            let mut id = [0u8; 16];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id).map_err(
+                |_| StoreError::CannotOpen {
+                    path: path.clone(),
+                    reason: "no randomness for the store id".into(),
+                },
+            )?;
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
+                params![META_STORE_ID, &id[..]],
+            )
+            .map_err(sql)?;
+        }
         tx.commit().map_err(sql)?;
         Ok(())
     }
@@ -907,6 +944,85 @@ impl Store {
         let tx = self.conn.unchecked_transaction().map_err(self.sql())?;
         let loaded = load_doc(&tx, &self.path, code)?;
         Ok(loaded.map(|l| l.doc))
+    }
+
+    /// This store's random identity, which peers' cursors refer to.
+    pub fn store_id(&self) -> Result<[u8; 16], StoreError> {
+        let raw = self.meta_get(META_STORE_ID)?.unwrap_or_default();
+        <[u8; 16]>::try_from(raw.as_slice()).map_err(|_| StoreError::Corrupt {
+            path: self.path.clone(),
+        })
+    }
+
+    /// Cases whose last change has an update sequence number in
+    /// `(after, upto]`, in that order, at most `limit`: (seq, code, heads).
+    /// Reads the heads column only; no document is loaded.
+    pub fn changes_page(
+        &self,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String, Vec<ChangeHash>)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT update_seq, code, heads FROM cases \
+                 WHERE update_seq > ?1 AND update_seq <= ?2 ORDER BY update_seq LIMIT ?3",
+            )
+            .map_err(self.sql())?;
+        let rows = stmt
+            .query_map(params![after as i64, upto as i64, limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
+            })
+            .map_err(self.sql())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, code, heads) = row.map_err(self.sql())?;
+            let heads = decode_heads(&code, &heads)?;
+            out.push((seq as u64, code, heads));
+        }
+        Ok(out)
+    }
+
+    /// The cursor held for `peer`: its store id and the update sequence
+    /// number up to which everything it listed is held here.
+    pub fn peer_cursor(&self, peer: &str) -> Result<Option<([u8; 16], u64)>, StoreError> {
+        let row: Option<(Vec<u8>, i64)> = self
+            .conn
+            .query_row(
+                "SELECT store_id, seq FROM peer_cursors WHERE peer = ?1",
+                [peer],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(self.sql())?;
+        Ok(row.and_then(|(id, seq)| {
+            <[u8; 16]>::try_from(id.as_slice())
+                .ok()
+                .map(|id| (id, seq.max(0) as u64))
+        }))
+    }
+
+    /// Stores the cursor for `peer`. The session calls it only after every
+    /// case the peer listed is committed here.
+    pub fn save_peer_cursor(
+        &mut self,
+        peer: &str,
+        store_id: [u8; 16],
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO peer_cursors (peer, store_id, seq) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (peer) DO UPDATE SET store_id = excluded.store_id, seq = excluded.seq",
+                params![peer, &store_id[..], seq as i64],
+            )
+            .map_err(self.sql())?;
+        Ok(())
     }
 
     /// Marks a case whose stored bytes failed to load as damaged, by
@@ -2182,7 +2298,7 @@ mod tests {
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, SCHEMA_VERSION);
         let notice = blake3::hash(b"notice").to_hex().to_string();
         let id = blake3::hash(b"id").to_hex().to_string();
         let mut want = vec![

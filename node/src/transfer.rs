@@ -330,11 +330,14 @@ pub async fn fetch_wanted(
             });
             continue;
         }
-        // One retry from zero after a verification failure: the first
-        // attempt may have resumed from bytes an earlier peer sent.
+        // One retry from zero after a verification failure, but only when
+        // the failed attempt resumed from kept bytes (which an earlier
+        // peer may have sent): from zero, the same peer would only send
+        // the same bad bytes again.
         let mut attempts = 0;
         loop {
             attempts += 1;
+            let resumed = blobs.partial_len(&hash) > 0;
             match fetch_one(&conn, &blobs, &hash, blob.size, &peer, &progress).await {
                 Ok(bytes) => {
                     report.fetched += 1;
@@ -360,7 +363,7 @@ pub async fn fetch_wanted(
                         ok: false,
                         message: format!("rejected bytes from {peer}: {reason}"),
                     });
-                    if attempts < 2 {
+                    if attempts < 2 && resumed {
                         continue;
                     }
                     report.misbehaved = Some(reason);

@@ -2,25 +2,35 @@
 //!
 //! It behaves like the real store where it matters to the protocol:
 //! commits merge into the stored document (so concurrent local edits are
-//! never overwritten), and a validator can refuse documents.
+//! never overwritten), every change gets a new update sequence number, and
+//! a validator can refuse documents.
+//!
+//! Tests may edit `docs` directly; update sequence numbers are assigned
+//! lazily, the next time the store is asked, to every document whose heads
+//! moved since it was last seen.
 
 use std::collections::BTreeMap;
 
 use automerge::{Automerge, ChangeHash};
 
-use crate::store::{CaseStore, CommitError, CommitOutcome, StoreFault};
-use crate::wire::CaseId;
+use crate::store::{CaseStore, ChangedCase, CommitError, CommitOutcome, StoreFault};
+use crate::wire::{CaseId, StoreId};
 
 /// Decides whether a merged document is acceptable; `Err` explains why not.
 pub type Validator = fn(&Automerge) -> Result<(), String>;
 
-/// One node's documents and its per-peer sync states.
+/// One node's documents, its per-peer sync states and cursors.
 #[derive(Default)]
 pub struct MemoryNode {
     /// The node's cases.
     pub docs: BTreeMap<CaseId, Automerge>,
     /// Persisted sync state per (peer, case).
     pub sync_states: BTreeMap<(String, CaseId), Vec<u8>>,
+    /// Persisted cursor per peer.
+    pub cursors: BTreeMap<String, (StoreId, u64)>,
+    /// This store's id; all zero unless a test sets it (set distinct ids
+    /// when nodes should tell each other's stores apart).
+    pub store_id: StoreId,
     /// Optional validation of merged documents.
     pub validator: Option<Validator>,
     /// When set, the next commit fails with a storage fault (simulates a
@@ -28,14 +38,46 @@ pub struct MemoryNode {
     pub fail_next_commit: bool,
     /// Commits that succeeded, for assertions.
     pub commits: u64,
+    /// Update sequence bookkeeping; leave it at its default.
+    pub seqs: SeqTracker,
+}
+
+/// Lazily assigned update sequence numbers (see the module docs).
+#[derive(Default)]
+pub struct SeqTracker {
+    /// Heads last seen per case and the sequence number given to them.
+    seen: BTreeMap<CaseId, (Vec<ChangeHash>, u64)>,
+    /// Highest sequence number given out.
+    seq: u64,
 }
 
 impl MemoryNode {
+    /// A node with the given store id.
+    pub fn with_store_id(store_id: StoreId) -> Self {
+        MemoryNode {
+            store_id,
+            ..MemoryNode::default()
+        }
+    }
+
     /// The store as seen by a session with `peer`.
     pub fn for_peer<'a>(&'a mut self, peer: &str) -> PeerView<'a> {
         PeerView {
             node: self,
             peer: peer.to_string(),
+        }
+    }
+
+    /// Gives a new sequence number to every document whose heads moved.
+    fn refresh(&mut self) {
+        let t = &mut self.seqs;
+        for (id, doc) in &self.docs {
+            let heads = doc.get_heads();
+            let moved = t.seen.get(id).map(|(h, _)| h != &heads).unwrap_or(true);
+            if moved {
+                t.seq += 1;
+                t.seen.insert(id.clone(), (heads, t.seq));
+            }
         }
     }
 }
@@ -47,13 +89,55 @@ pub struct PeerView<'a> {
 }
 
 impl CaseStore for PeerView<'_> {
-    fn inventory(&mut self) -> Result<Vec<(CaseId, Vec<ChangeHash>)>, StoreFault> {
-        Ok(self
+    fn store_id(&mut self) -> Result<StoreId, StoreFault> {
+        Ok(self.node.store_id)
+    }
+
+    fn current_seq(&mut self) -> Result<u64, StoreFault> {
+        self.node.refresh();
+        Ok(self.node.seqs.seq)
+    }
+
+    fn changes_page(
+        &mut self,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<(Vec<ChangedCase>, u64), StoreFault> {
+        self.node.refresh();
+        let mut listed: Vec<ChangedCase> = self
             .node
-            .docs
+            .seqs
+            .seen
             .iter()
-            .map(|(id, d)| (id.clone(), d.get_heads()))
-            .collect())
+            .filter(|(_, (_, seq))| *seq > after && *seq <= upto)
+            .map(|(id, (heads, seq))| ChangedCase {
+                seq: *seq,
+                case: id.clone(),
+                heads: heads.clone(),
+            })
+            .collect();
+        listed.sort_by_key(|c| c.seq);
+        listed.truncate(limit);
+        let last = if listed.len() == limit {
+            listed.last().map(|c| c.seq).unwrap_or(upto)
+        } else {
+            upto
+        };
+        Ok((listed, last))
+    }
+
+    fn heads(&mut self, case: &CaseId) -> Result<Option<Vec<ChangeHash>>, StoreFault> {
+        Ok(self.node.docs.get(case).map(|d| d.get_heads()))
+    }
+
+    fn peer_cursor(&mut self) -> Result<Option<(StoreId, u64)>, StoreFault> {
+        Ok(self.node.cursors.get(&self.peer).copied())
+    }
+
+    fn save_peer_cursor(&mut self, store_id: StoreId, seq: u64) -> Result<(), StoreFault> {
+        self.node.cursors.insert(self.peer.clone(), (store_id, seq));
+        Ok(())
     }
 
     fn load(&mut self, case: &CaseId) -> Result<Option<Automerge>, StoreFault> {

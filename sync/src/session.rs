@@ -10,22 +10,29 @@
 //!
 //! # Protocol (version 1)
 //!
-//! 1. Both sides send [`Hello`]. Each checks for a common version on its own;
-//!    with none, each sends a [`Goodbye`] naming both ranges and stops.
-//! 2. Both send a [`Message::Digest`] of the cases they share with the
-//!    other. Equal digests: nothing differs, no per-case message is sent.
-//! 3. Otherwise both send their inventory (case id, heads hash) in batches.
-//!    Each side then starts an Automerge sync for every case it holds whose
-//!    heads hash differs from the peer's, or that the peer lacks.
+//! 1. Both sides send [`Hello`] and, right behind it, [`Message::Since`]:
+//!    the cursor they hold for the other's store. Each checks for a common
+//!    version on its own; with none, each sends a [`Goodbye`] naming both
+//!    ranges and stops.
+//! 2. Each lists, in [`Message::Changes`] batches, the shared cases it
+//!    changed after the peer's cursor (every local commit, including
+//!    changes merged from third nodes, gets a new update sequence number),
+//!    with a digest of their heads. A reconnect where nothing changed lists
+//!    nothing: no per-case message is sent, whatever the number of cases.
+//! 3. For each listed case whose heads differ from its own (or that it
+//!    lacks), the receiver starts an Automerge sync. Offers are generated
+//!    lazily, a bounded number at a time, so neither side ever holds all
+//!    cases in memory.
 //! 4. Automerge sync messages flow per case until neither side has more.
-//!    After handling input, a side that is quiescent sends
-//!    [`Message::Idle`] with its counts of data messages received and sent.
-//!    When both sides' counts match, every message has been processed and
-//!    the session has converged.
+//!    A side that has listed everything, received the whole listing and
+//!    has nothing to send says [`Message::Idle`] with its counts of data
+//!    messages received and sent. When both sides' counts match, every
+//!    message has been processed and the session has converged; only then
+//!    does each side store the peer's cursor.
 //!
 //! Received changes are committed through the store before any reply that
 //! depends on them is queued, so nothing we tell the peer runs ahead of our
-//! disk.
+//! disk, and a cursor never covers a change that is not durable here.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -34,19 +41,22 @@ use automerge::{Automerge, ChangeHash};
 use thiserror::Error;
 
 use crate::frame::{encode_frame, FrameDecoder, FrameError};
-use crate::inventory::{heads_hash, root_hash};
+use crate::inventory::heads_hash;
 use crate::store::{CaseStore, CommitError, StoreFault};
 use crate::wire::{
-    CaseId, DecodeError, Goodbye, GoodbyeCode, HeadsHash, Hello, Message, INVENTORY_ENTRIES_MAX,
-    PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
+    CaseId, ChangesEnd, DecodeError, Goodbye, GoodbyeCode, HeadsHash, Hello, Message, StoreId,
+    CHANGES_ENTRIES_MAX, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
 };
 
-/// Most cases a peer may announce in one inventory, which bounds the
-/// memory a peer can make us spend on its inventory (about 100 bytes each).
-pub const INVENTORY_TOTAL_MAX: usize = 2_000_000;
-
-/// Most cases one session tracks sync state for, for the same reason.
+/// Most cases one session tracks sync state for or queues offers for,
+/// which bounds the memory a peer can make us spend (a few hundred bytes
+/// each).
 pub const ACTIVE_CASES_MAX: usize = 2_000_000;
+
+/// Frames the session generates ahead of the transport. Lazily generated
+/// listings and offers stop here, so a first sync of 100,000 cases holds a
+/// few dozen messages in memory, not every document.
+pub const OUTBOX_FRAMES_TARGET: usize = 64;
 
 /// How a session is set up.
 #[derive(Clone, Debug)]
@@ -81,11 +91,7 @@ impl Default for SessionConfig {
 pub enum Phase {
     /// Waiting for the peer's hello.
     Hello,
-    /// Waiting for the peer's digest.
-    Digest,
-    /// Receiving the peer's inventory.
-    Inventory,
-    /// Exchanging per-case Automerge sync messages.
+    /// Exchanging change listings and per-case Automerge sync messages.
     Sync,
     /// Converged, in a one-shot session.
     Finished,
@@ -235,10 +241,24 @@ pub struct Session {
     decoder: FrameDecoder,
     outbox: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
-    /// Our inventory, sorted by id, taken when the session started.
-    local_inventory: Vec<(CaseId, HeadsHash)>,
-    /// The peer's inventory as it arrives, only when digests differ.
-    peer_inventory: BTreeMap<CaseId, HeadsHash>,
+    /// Our store's id, sent with our listing's end.
+    store_id: StoreId,
+    /// Our update sequence number when the session started: our listing
+    /// covers changes up to here.
+    list_upto: u64,
+    /// How far our listing has been sent; `None` until the peer's cursor
+    /// arrived.
+    list_after: Option<u64>,
+    /// Our listing was sent completely.
+    list_done: bool,
+    /// The end of the peer's listing, once received.
+    peer_end: Option<ChangesEnd>,
+    /// The peer's cursor was stored (once per session).
+    cursor_saved: bool,
+    /// Cases to offer, in order, generated lazily.
+    to_offer: VecDeque<CaseId>,
+    /// The same cases, to avoid queueing one twice.
+    queued: BTreeSet<CaseId>,
     /// Automerge sync state per case touched in this session.
     states: BTreeMap<CaseId, AmState>,
     /// The shared heads last persisted per case, to skip redundant writes.
@@ -270,8 +290,14 @@ impl Session {
             decoder: FrameDecoder::new(),
             outbox: VecDeque::new(),
             events: VecDeque::new(),
-            local_inventory: Vec::new(),
-            peer_inventory: BTreeMap::new(),
+            store_id: [0; 16],
+            list_upto: 0,
+            list_after: None,
+            list_done: false,
+            peer_end: None,
+            cursor_saved: false,
+            to_offer: VecDeque::new(),
+            queued: BTreeSet::new(),
             states: BTreeMap::new(),
             persisted_shared: BTreeMap::new(),
             pending_local: BTreeSet::new(),
@@ -286,26 +312,25 @@ impl Session {
         }
     }
 
-    /// Takes the inventory and queues our hello. Call once, first.
+    /// Queues our hello and our cursor for the peer. Call once, first.
     pub fn start(&mut self, store: &mut dyn CaseStore) -> Result<(), SessionError> {
         let result = self.start_inner(store);
         self.fail_on_err(result)
     }
 
     fn start_inner(&mut self, store: &mut dyn CaseStore) -> Result<(), SessionError> {
-        let mut inventory: Vec<(CaseId, HeadsHash)> = store
-            .inventory()?
-            .into_iter()
-            .map(|(id, heads)| (id, heads_hash(&heads)))
-            .collect();
-        inventory.sort_by(|a, b| a.0.cmp(&b.0));
-        inventory.dedup_by(|a, b| a.0 == b.0);
-        self.local_inventory = inventory;
+        self.store_id = store.store_id()?;
+        self.list_upto = store.current_seq()?;
+        let (peer_store, seq) = store.peer_cursor()?.unwrap_or(([0; 16], 0));
         self.send(Message::Hello(Hello {
             version_min: self.config.version_min,
             version_max: self.config.version_max,
             live: self.config.live,
         }));
+        self.send(Message::Since {
+            store_id: peer_store,
+            seq,
+        });
         Ok(())
     }
 
@@ -351,12 +376,16 @@ impl Session {
     ) -> Result<(), SessionError> {
         match self.phase {
             Phase::Sync => {
+                // Offered ahead of any queued backlog: a person is waiting.
+                if self.queued.insert(case.clone()) {
+                    self.to_offer.push_front(case.clone());
+                }
                 let result = self
-                    .offer_case(case, store)
-                    .and_then(|()| self.after_input());
+                    .fill_inner(store)
+                    .and_then(|()| self.after_input(store));
                 self.fail_on_err(result)
             }
-            Phase::Hello | Phase::Digest | Phase::Inventory => {
+            Phase::Hello => {
                 self.pending_local.insert(case.clone());
                 Ok(())
             }
@@ -367,6 +396,31 @@ impl Session {
     /// The next frame to send, already length-prefixed.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
         self.outbox.pop_front()
+    }
+
+    /// Generates more frames (listing batches, case offers) when the
+    /// outbox runs low. Every `handle_*` call does this too; a transport
+    /// calls it after draining the outbox so a long backlog keeps flowing
+    /// even while the peer is quiet.
+    pub fn fill(&mut self, store: &mut dyn CaseStore) -> Result<(), SessionError> {
+        if self.phase != Phase::Sync {
+            return Ok(());
+        }
+        let result = self
+            .fill_inner(store)
+            .and_then(|()| self.after_input(store));
+        self.fail_on_err(result)
+    }
+
+    /// True when frames are waiting in the outbox.
+    pub fn has_queued(&self) -> bool {
+        !self.outbox.is_empty()
+    }
+
+    /// True while listing batches or case offers are still to be generated.
+    pub fn has_backlog(&self) -> bool {
+        self.phase == Phase::Sync
+            && ((self.list_after.is_some() && !self.list_done) || !self.to_offer.is_empty())
     }
 
     /// The next event for the caller.
@@ -405,7 +459,7 @@ impl Session {
     }
 
     fn send(&mut self, msg: Message) {
-        if matches!(msg, Message::Inventory { .. } | Message::CaseSync { .. }) {
+        if matches!(msg, Message::Changes { .. } | Message::CaseSync { .. }) {
             self.data_sent += 1;
         }
         self.stats.frames_sent += 1;
@@ -421,7 +475,8 @@ impl Session {
                 return Ok(());
             }
         }
-        self.after_input()
+        self.fill_inner(store)?;
+        self.after_input(store)
     }
 
     fn handle_message(
@@ -435,10 +490,10 @@ impl Session {
                 reason: g.reason,
             }),
             (Phase::Hello, Message::Hello(h)) => self.on_hello(h),
-            (Phase::Digest, Message::Digest { count, root }) => self.on_digest(count, root, store),
-            (Phase::Inventory, Message::Inventory { entries, last }) => {
+            (Phase::Sync, Message::Since { store_id, seq }) => self.on_since(store_id, seq),
+            (Phase::Sync, Message::Changes { entries, end }) => {
                 self.data_received += 1;
-                self.on_inventory(entries, last, store)
+                self.on_changes(entries, end, store)
             }
             (Phase::Sync, Message::CaseSync { case, data }) => {
                 self.data_received += 1;
@@ -475,95 +530,101 @@ impl Session {
             version: high,
             live: self.live,
         });
-        let root = root_hash(&self.local_inventory);
-        self.send(Message::Digest {
-            count: self.local_inventory.len() as u64,
-            root,
-        });
-        self.phase = Phase::Digest;
-        Ok(())
-    }
-
-    fn on_digest(
-        &mut self,
-        count: u64,
-        root: [u8; 32],
-        store: &mut dyn CaseStore,
-    ) -> Result<(), SessionError> {
-        let ours = root_hash(&self.local_inventory);
-        if count == self.local_inventory.len() as u64 && root == ours {
-            return self.enter_sync(Vec::new(), store);
-        }
-        let inventory = std::mem::take(&mut self.local_inventory);
-        let batches: Vec<&[(CaseId, HeadsHash)]> = if inventory.is_empty() {
-            vec![&[]]
-        } else {
-            inventory.chunks(INVENTORY_ENTRIES_MAX).collect()
-        };
-        let n = batches.len();
-        for (i, batch) in batches.into_iter().enumerate() {
-            self.send(Message::Inventory {
-                entries: batch.to_vec(),
-                last: i + 1 == n,
-            });
-        }
-        self.local_inventory = inventory;
-        self.phase = Phase::Inventory;
-        Ok(())
-    }
-
-    fn on_inventory(
-        &mut self,
-        entries: Vec<(CaseId, HeadsHash)>,
-        last: bool,
-        store: &mut dyn CaseStore,
-    ) -> Result<(), SessionError> {
-        for (id, hash) in entries {
-            if let Some((prev, _)) = self.peer_inventory.last_key_value() {
-                if *prev >= id {
-                    return Err(SessionError::Protocol(
-                        "inventory is not in strictly ascending case order".into(),
-                    ));
-                }
-            }
-            if self.peer_inventory.len() >= INVENTORY_TOTAL_MAX {
-                return Err(SessionError::Protocol(format!(
-                    "inventory exceeds {INVENTORY_TOTAL_MAX} cases"
-                )));
-            }
-            self.peer_inventory.insert(id, hash);
-        }
-        if !last {
-            return Ok(());
-        }
-        let differing: Vec<CaseId> = self
-            .local_inventory
-            .iter()
-            .filter(|(id, hash)| self.peer_inventory.get(id) != Some(hash))
-            .map(|(id, _)| id.clone())
-            .collect();
-        // The peer's inventory is only needed for this comparison.
-        self.peer_inventory = BTreeMap::new();
-        self.enter_sync(differing, store)
-    }
-
-    /// Starts the per-case phase: offers every differing case, plus local
-    /// edits that arrived while the inventories were being compared.
-    fn enter_sync(
-        &mut self,
-        mut cases: Vec<CaseId>,
-        store: &mut dyn CaseStore,
-    ) -> Result<(), SessionError> {
         self.phase = Phase::Sync;
         if !self.config.blob_transfer {
             self.local_blobs_done = true;
             self.send(Message::BlobsDone);
         }
-        cases.extend(std::mem::take(&mut self.pending_local));
-        cases.sort();
-        cases.dedup();
-        for id in cases {
-            self.offer_case(&id, store)?;
+        for case in std::mem::take(&mut self.pending_local) {
+            self.queue_offer(case)?;
+        }
+        Ok(())
+    }
+
+    fn on_since(&mut self, store_id: StoreId, seq: u64) -> Result<(), SessionError> {
+        if self.list_after.is_some() {
+            return Err(SessionError::Protocol(
+                "a second cursor in one session".into(),
+            ));
+        }
+        // A cursor for another store (we were re-initialised or restored)
+        // or beyond our counter (restored from an older backup) cannot be
+        // trusted: list everything.
+        let after = if store_id == self.store_id && seq <= self.list_upto {
+            seq
+        } else {
+            0
+        };
+        self.list_after = Some(after);
+        Ok(())
+    }
+
+    fn on_changes(
+        &mut self,
+        entries: Vec<(CaseId, HeadsHash)>,
+        end: Option<ChangesEnd>,
+        store: &mut dyn CaseStore,
+    ) -> Result<(), SessionError> {
+        if self.peer_end.is_some() {
+            return Err(SessionError::Protocol(
+                "changes after the end of the listing".into(),
+            ));
+        }
+        for (case, hash) in entries {
+            let differs = match store.heads(&case)? {
+                Some(ours) => heads_hash(&ours) != hash,
+                None => true,
+            };
+            if differs {
+                self.queue_offer(case)?;
+            }
+        }
+        self.peer_end = end;
+        Ok(())
+    }
+
+    fn queue_offer(&mut self, case: CaseId) -> Result<(), SessionError> {
+        if self.queued.contains(&case) {
+            return Ok(());
+        }
+        if self.queued.len() >= ACTIVE_CASES_MAX {
+            return Err(SessionError::Protocol(format!(
+                "session would touch more than {ACTIVE_CASES_MAX} cases"
+            )));
+        }
+        self.queued.insert(case.clone());
+        self.to_offer.push_back(case);
+        Ok(())
+    }
+
+    /// Generates listing batches and offers until the outbox holds
+    /// [`OUTBOX_FRAMES_TARGET`] frames or nothing is left to generate.
+    fn fill_inner(&mut self, store: &mut dyn CaseStore) -> Result<(), SessionError> {
+        while self.outbox.len() < OUTBOX_FRAMES_TARGET {
+            if let (Some(after), false) = (self.list_after, self.list_done) {
+                let (page, last) =
+                    store.changes_page(after, self.list_upto, CHANGES_ENTRIES_MAX)?;
+                let entries: Vec<(CaseId, HeadsHash)> = page
+                    .into_iter()
+                    .map(|c| (c.case, heads_hash(&c.heads)))
+                    .collect();
+                let done = last >= self.list_upto || entries.is_empty();
+                self.list_after = Some(last);
+                self.list_done = done;
+                self.send(Message::Changes {
+                    entries,
+                    end: done.then_some(ChangesEnd {
+                        store_id: self.store_id,
+                        upto: self.list_upto,
+                    }),
+                });
+                continue;
+            }
+            let Some(case) = self.to_offer.pop_front() else {
+                break;
+            };
+            self.queued.remove(&case);
+            self.offer_case(&case, store)?;
         }
         Ok(())
     }
@@ -578,7 +639,7 @@ impl Session {
         if !self.states.contains_key(case) {
             if self.states.len() >= ACTIVE_CASES_MAX {
                 return Err(SessionError::Protocol(format!(
-                    "session touches more than {ACTIVE_CASES_MAX} cases"
+                    "session would touch more than {ACTIVE_CASES_MAX} cases"
                 )));
             }
             // A persisted state that no longer decodes is our own damaged
@@ -594,11 +655,11 @@ impl Session {
         Ok(self.states.get_mut(case).expect("inserted above"))
     }
 
-    /// Generates and queues our next sync message for a case we hold.
+    /// Generates and queues our next sync message for a case. A case we
+    /// do not hold is offered from an empty document, which asks the peer
+    /// for all of it.
     fn offer_case(&mut self, case: &CaseId, store: &mut dyn CaseStore) -> Result<(), SessionError> {
-        let Some(doc) = store.load(case)? else {
-            return Ok(());
-        };
+        let doc = store.load(case)?.unwrap_or_default();
         self.reply(case, &doc, store)
     }
 
@@ -641,6 +702,14 @@ impl Session {
                 case: case.clone(),
                 reason: e.to_string(),
             })?;
+        // Changes whose dependencies we lack wait in `doc`'s queue, which
+        // dies with `doc` (we reload from the store per message). The peer
+        // counts them as sent and would never send them again, so both
+        // sides would ask each other forever. Ask the peer to forget what
+        // it sent and resend (found by the deterministic simulation).
+        if !automerge::ReadDoc::get_missing_deps(&doc, &[]).is_empty() {
+            state.needs_reset = true;
+        }
         let encoded = state.encode();
         let shared = state.shared_heads.clone();
         if doc.get_heads() != before {
@@ -666,10 +735,15 @@ impl Session {
         self.reply(&case, &doc, store)
     }
 
-    /// Runs after each batch of input: announces quiescence and checks
-    /// whether both sides have converged.
-    fn after_input(&mut self) -> Result<(), SessionError> {
-        if self.phase != Phase::Sync {
+    /// Runs after each batch of input: announces quiescence, stores the
+    /// peer's cursor once everything it listed is held, and checks whether
+    /// the session is finished.
+    fn after_input(&mut self, store: &mut dyn CaseStore) -> Result<(), SessionError> {
+        if self.phase != Phase::Sync
+            || !self.list_done
+            || self.peer_end.is_none()
+            || !self.to_offer.is_empty()
+        {
             return Ok(());
         }
         let counts = (self.data_received, self.data_sent);
@@ -681,6 +755,12 @@ impl Session {
             });
         }
         let converged = self.peer_idle == Some((self.data_sent, self.data_received));
+        if converged && !self.cursor_saved {
+            if let Some(end) = &self.peer_end {
+                store.save_peer_cursor(end.store_id, end.upto)?;
+            }
+            self.cursor_saved = true;
+        }
         if converged && self.quiescent_at != Some(counts) {
             self.quiescent_at = Some(counts);
             self.events.push_back(Event::Quiescent);
@@ -695,13 +775,16 @@ impl Session {
     /// The caller finished fetching the attachments it wanted from this
     /// peer. A one-shot session finishes once both sides said so and the
     /// case records are converged.
-    pub fn handle_local_blobs_done(&mut self) -> Result<(), SessionError> {
+    pub fn handle_local_blobs_done(
+        &mut self,
+        store: &mut dyn CaseStore,
+    ) -> Result<(), SessionError> {
         if self.phase != Phase::Sync || self.local_blobs_done {
             return Ok(());
         }
         self.local_blobs_done = true;
         self.send(Message::BlobsDone);
-        let result = self.after_input();
+        let result = self.after_input(store);
         self.fail_on_err(result)
     }
 }

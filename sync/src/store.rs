@@ -8,7 +8,7 @@
 use automerge::{Automerge, ChangeHash};
 use thiserror::Error;
 
-use crate::wire::CaseId;
+use crate::wire::{CaseId, StoreId};
 
 /// Local storage failed (disk full, I/O error, corrupt file). The session
 /// stops and the user is told; the peer did nothing wrong.
@@ -39,12 +39,49 @@ pub struct CommitOutcome {
     pub new_conflicts: u32,
 }
 
+/// One entry of a change listing: a case and its heads, with the local
+/// update sequence number at which it last changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangedCase {
+    /// The local update sequence number of the case's last change.
+    pub seq: u64,
+    /// The case.
+    pub case: CaseId,
+    /// Its current heads.
+    pub heads: Vec<ChangeHash>,
+}
+
 /// The storage a session works against, already narrowed to one peer:
-/// `inventory` lists only the cases shared with that peer, and the sync
-/// state read and written is that peer's.
+/// listings include only the cases shared with that peer, and the sync
+/// state and cursor read and written are that peer's.
+///
+/// Every local commit, whether a person's edit or changes merged from any
+/// peer, gives the case a new, higher update sequence number. That number
+/// is what a peer's cursor counts, so a change relayed through this node
+/// (laptop A, then the center, then laptop B) is listed to every peer.
 pub trait CaseStore {
-    /// Every case shared with this peer, with its current heads.
-    fn inventory(&mut self) -> Result<Vec<(CaseId, Vec<ChangeHash>)>, StoreFault>;
+    /// This store's identity (see [`StoreId`]).
+    fn store_id(&mut self) -> Result<StoreId, StoreFault>;
+    /// The highest update sequence number given out so far.
+    fn current_seq(&mut self) -> Result<u64, StoreFault>;
+    /// Shared cases whose last change has a sequence number in
+    /// `(after, upto]`, in sequence order, at most `limit` of them. Also
+    /// returns the last sequence number examined, so filtered-out cases do
+    /// not stall paging.
+    fn changes_page(
+        &mut self,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<(Vec<ChangedCase>, u64), StoreFault>;
+    /// The current heads of a case, without loading it; `None` if absent.
+    fn heads(&mut self, case: &CaseId) -> Result<Option<Vec<ChangeHash>>, StoreFault>;
+    /// The cursor held for this peer: its store id and the sequence number
+    /// up to which everything it listed is held here.
+    fn peer_cursor(&mut self) -> Result<Option<(StoreId, u64)>, StoreFault>;
+    /// Moves the cursor forward. Called only once every listed case is
+    /// committed here.
+    fn save_peer_cursor(&mut self, store_id: StoreId, seq: u64) -> Result<(), StoreFault>;
     /// The current document of a case shared with this peer, if any.
     fn load(&mut self, case: &CaseId) -> Result<Option<Automerge>, StoreFault>;
     /// The persisted Automerge sync state for this peer and case.

@@ -27,9 +27,18 @@ pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// `PREFIX-NNNNNN`, far below this.
 pub const CASE_ID_BYTES_MAX: usize = 64;
 
-/// Most inventory entries in one [`Message::Inventory`], so one message
-/// stays well below the frame limit (64 + 16 + 2 bytes per entry).
-pub const INVENTORY_ENTRIES_MAX: usize = 4096;
+/// Most entries in one [`Message::Changes`], so one message stays well
+/// below the frame limit (64 + 16 + 2 bytes per entry).
+pub const CHANGES_ENTRIES_MAX: usize = 4096;
+
+/// Length of a store identifier (see [`Message::Since`]).
+pub const STORE_ID_BYTES: usize = 16;
+
+/// Identifies one node's store: a random value made when the store is
+/// created. A cursor is only meaningful for the store it was taken from; a
+/// node restored from a backup or re-initialised gets a new store id, and
+/// peers then start over from zero instead of skipping changes.
+pub type StoreId = [u8; STORE_ID_BYTES];
 
 /// Longest human-readable reason in a [`Goodbye`].
 pub const REASON_BYTES_MAX: usize = 1024;
@@ -128,25 +137,38 @@ impl GoodbyeCode {
     }
 }
 
+/// The end of a change listing: the cursor covering it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangesEnd {
+    /// The sender's store id.
+    pub store_id: StoreId,
+    /// The sender's update sequence number the listing covers.
+    pub upto: u64,
+}
+
 /// Everything two peers say to each other.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     /// Versions and mode; always first.
     Hello(Hello),
-    /// Count and root hash of the cases the sender shares with this peer.
-    /// Equal digests mean nothing differs and no per-case message follows.
-    Digest {
-        /// Number of cases in the sender's inventory.
-        count: u64,
-        /// Hash over all (case id, heads hash) pairs, in id order.
-        root: [u8; 32],
+    /// "I have seen your store `store_id` up to its local sequence number
+    /// `seq`; list what changed after that." A different store id than the
+    /// receiver's own means "from the beginning".
+    Since {
+        /// The peer store the cursor was taken from.
+        store_id: StoreId,
+        /// The peer's update sequence number we have fully seen.
+        seq: u64,
     },
-    /// A batch of the sender's inventory, sent only when digests differ.
-    Inventory {
-        /// (case id, heads hash) pairs in ascending id order.
+    /// A batch of the sender's cases that changed after the requested
+    /// cursor, with a digest of their heads, in update order. The last
+    /// batch carries the cursor the receiver may store once it holds
+    /// everything listed.
+    Changes {
+        /// (case id, heads hash) pairs.
         entries: Vec<(CaseId, HeadsHash)>,
-        /// True on the last batch.
-        last: bool,
+        /// Present on the last batch.
+        end: Option<ChangesEnd>,
     },
     /// One Automerge sync message for one case.
     CaseSync {
@@ -159,7 +181,7 @@ pub enum Message {
     /// The counts let both sides agree that the session is quiescent even
     /// though messages cross in flight.
     Idle {
-        /// Data messages (Inventory, CaseSync) the sender has received.
+        /// Data messages (Changes, CaseSync) the sender has received.
         received: u64,
         /// Data messages the sender has sent.
         sent: u64,
@@ -195,8 +217,8 @@ pub enum Message {
 }
 
 const TAG_HELLO: u8 = 1;
-const TAG_DIGEST: u8 = 2;
-const TAG_INVENTORY: u8 = 3;
+const TAG_SINCE: u8 = 2;
+const TAG_CHANGES: u8 = 3;
 const TAG_CASE_SYNC: u8 = 4;
 const TAG_IDLE: u8 = 5;
 const TAG_GOODBYE: u8 = 6;
@@ -254,14 +276,21 @@ impl Message {
                 w.extend_from_slice(&h.version_max.to_be_bytes());
                 w.push(u8::from(h.live));
             }
-            Message::Digest { count, root } => {
-                w.push(TAG_DIGEST);
-                put_varint(&mut w, *count);
-                w.extend_from_slice(root);
+            Message::Since { store_id, seq } => {
+                w.push(TAG_SINCE);
+                w.extend_from_slice(store_id);
+                put_varint(&mut w, *seq);
             }
-            Message::Inventory { entries, last } => {
-                w.push(TAG_INVENTORY);
-                w.push(u8::from(*last));
+            Message::Changes { entries, end } => {
+                w.push(TAG_CHANGES);
+                match end {
+                    None => w.push(0),
+                    Some(e) => {
+                        w.push(1);
+                        w.extend_from_slice(&e.store_id);
+                        put_varint(&mut w, e.upto);
+                    }
+                }
                 put_varint(&mut w, entries.len() as u64);
                 for (id, hash) in entries {
                     put_bytes(&mut w, id.as_str().as_bytes());
@@ -324,19 +353,30 @@ impl Message {
                     live,
                 })
             }
-            TAG_DIGEST => {
-                let count = r.varint()?;
-                let mut root = [0u8; 32];
-                root.copy_from_slice(r.take(32)?);
-                Message::Digest { count, root }
+            TAG_SINCE => {
+                let mut store_id = [0u8; STORE_ID_BYTES];
+                store_id.copy_from_slice(r.take(STORE_ID_BYTES)?);
+                Message::Since {
+                    store_id,
+                    seq: r.varint()?,
+                }
             }
-            TAG_INVENTORY => {
-                let last = r.bool()?;
+            TAG_CHANGES => {
+                let end = if r.bool()? {
+                    let mut store_id = [0u8; STORE_ID_BYTES];
+                    store_id.copy_from_slice(r.take(STORE_ID_BYTES)?);
+                    Some(ChangesEnd {
+                        store_id,
+                        upto: r.varint()?,
+                    })
+                } else {
+                    None
+                };
                 let n = r.varint()?;
-                if n > INVENTORY_ENTRIES_MAX as u64 {
+                if n > CHANGES_ENTRIES_MAX as u64 {
                     return Err(DecodeError::OverLimit {
-                        what: "inventory entries",
-                        limit: INVENTORY_ENTRIES_MAX,
+                        what: "change entries",
+                        limit: CHANGES_ENTRIES_MAX,
                     });
                 }
                 // Each entry is at least 1 + 1 + 16 bytes, so `n` is also
@@ -351,7 +391,7 @@ impl Message {
                     hash.copy_from_slice(r.take(HEADS_HASH_BYTES)?);
                     entries.push((id, hash));
                 }
-                Message::Inventory { entries, last }
+                Message::Changes { entries, end }
             }
             TAG_CASE_SYNC => {
                 let case = r.case_id()?;
@@ -415,8 +455,8 @@ impl Message {
     pub fn kind(&self) -> &'static str {
         match self {
             Message::Hello(_) => "hello",
-            Message::Digest { .. } => "digest",
-            Message::Inventory { .. } => "inventory",
+            Message::Since { .. } => "since",
+            Message::Changes { .. } => "changes",
             Message::CaseSync { .. } => "case-sync",
             Message::Idle { .. } => "idle",
             Message::Goodbye(_) => "goodbye",
@@ -543,14 +583,14 @@ mod tests {
     }
 
     #[test]
-    fn an_inventory_claiming_a_billion_entries_is_refused_without_allocating() {
-        let mut bytes = vec![TAG_INVENTORY, 1];
+    fn a_change_list_claiming_a_billion_entries_is_refused_without_allocating() {
+        let mut bytes = vec![TAG_CHANGES, 0];
         put_varint(&mut bytes, 1_000_000_000);
         assert!(matches!(
             Message::decode(&bytes),
             Err(DecodeError::OverLimit { .. })
         ));
-        let mut bytes = vec![TAG_INVENTORY, 1];
+        let mut bytes = vec![TAG_CHANGES, 0];
         put_varint(&mut bytes, 4000);
         assert_eq!(Message::decode(&bytes), Err(DecodeError::Truncated));
     }

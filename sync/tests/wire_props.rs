@@ -3,7 +3,7 @@
 //! panic.
 
 use fieldcase_sync::frame::{encode_frame, FrameDecoder};
-use fieldcase_sync::wire::{Goodbye, GoodbyeCode, Hello, Message, HEADS_HASH_BYTES};
+use fieldcase_sync::wire::{ChangesEnd, Goodbye, GoodbyeCode, Hello, Message, HEADS_HASH_BYTES};
 use fieldcase_sync::CaseId;
 use proptest::prelude::*;
 
@@ -20,12 +20,16 @@ fn message() -> impl Strategy<Value = Message> {
                 live
             }
         )),
-        (any::<u64>(), any::<[u8; 32]>()).prop_map(|(count, root)| Message::Digest { count, root }),
+        (any::<[u8; 16]>(), any::<u64>())
+            .prop_map(|(store_id, seq)| Message::Since { store_id, seq }),
         (
             prop::collection::vec((case_id(), any::<[u8; HEADS_HASH_BYTES]>()), 0..50),
-            any::<bool>()
+            proptest::option::of((any::<[u8; 16]>(), any::<u64>()))
         )
-            .prop_map(|(entries, last)| Message::Inventory { entries, last }),
+            .prop_map(|(entries, end)| Message::Changes {
+                entries,
+                end: end.map(|(store_id, upto)| ChangesEnd { store_id, upto })
+            }),
         (case_id(), prop::collection::vec(any::<u8>(), 0..2000))
             .prop_map(|(case, data)| Message::CaseSync { case, data }),
         (any::<u64>(), any::<u64>()).prop_map(|(received, sent)| Message::Idle { received, sent }),

@@ -356,7 +356,7 @@ fn a_client_speaking_only_version_99_is_told_both_version_ranges() -> Result<()>
     ensure!(
         !out.messages.iter().any(|m| matches!(
             m,
-            Message::Digest { .. } | Message::Inventory { .. } | Message::CaseSync { .. }
+            Message::Changes { .. } | Message::CaseSync { .. }
         )),
         "the center sent data to a peer it cannot talk to: {:?}",
         out.messages
