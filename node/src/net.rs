@@ -434,10 +434,13 @@ async fn drive(
     let mut tx = Some(tx);
     // Serve the peer's attachment requests for as long as the connection
     // lives; aborted when this session ends.
+    let activity = transfer::Activity::default();
+    let mut activity_seen = 0u64;
     let blob_server = AbortOnDrop(tokio::spawn(transfer::serve_blob_streams(
         conn.clone(),
         home.to_path_buf(),
         peer.clone(),
+        activity.clone(),
     )));
     let mut fetch: Option<tokio::task::JoinHandle<FetchReport>> = None;
     let mut refetch = false;
@@ -487,6 +490,12 @@ async fn drive(
                     read = tokio::time::timeout(stall, recv.read(&mut buf)) => {
                         match read {
                             Err(_) if we_finished => break,
+                            // Quiet control stream, but attachment bytes are
+                            // still flowing: not a stall.
+                            Err(_) if activity.get() != activity_seen => {
+                                activity_seen = activity.get();
+                                Ok(())
+                            }
                             Err(_) => {
                                 conn.close(CLOSE_MISBEHAVED.into(), b"session stalled");
                                 return Err(NetError::Stalled { peer: name });
@@ -568,6 +577,7 @@ async fn drive(
                                 name.clone(),
                                 progress.clone(),
                                 only_blob.clone(),
+                                activity.clone(),
                             )));
                             Ok(())
                         } else {
@@ -612,6 +622,7 @@ async fn drive(
                             name.clone(),
                             progress.clone(),
                             only_blob.clone(),
+                            activity.clone(),
                         )));
                     } else {
                         refetch = true;

@@ -42,6 +42,24 @@ const STALL_TIMEOUT_MS: u64 = 45_000;
 /// Blob streams one peer may have us serve at once.
 pub const SERVE_STREAMS_MAX: usize = 4;
 
+/// Counts attachment bytes moved on one connection, in either direction.
+/// The session's stall detector reads it: a control stream that is quiet
+/// for minutes is fine while a large scan is still flowing.
+#[derive(Clone, Debug, Default)]
+pub struct Activity(Arc<std::sync::atomic::AtomicU64>);
+
+impl Activity {
+    /// Records `n` bytes moved.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes moved so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Progress of one blob, for bars and log lines.
 #[derive(Clone, Debug)]
 pub enum BlobProgress {
@@ -174,6 +192,7 @@ pub async fn fetch_one(
     size: u64,
     peer: &str,
     progress: &ProgressSink,
+    activity: &Activity,
 ) -> Result<u64, TransferError> {
     let hex = hash_hex(hash);
     let mut partial = blocking(|| blobs.resume_download(hash, size))?;
@@ -226,6 +245,7 @@ pub async fn fetch_one(
     if !first.is_empty() {
         write(&first, &mut partial)?;
         received += first.len() as u64;
+        activity.add(first.len() as u64);
     }
     let mut last_report = partial.len();
     while partial.len() < size {
@@ -254,6 +274,7 @@ pub async fn fetch_one(
         };
         write(&chunk.bytes, &mut partial)?;
         received += chunk.bytes.len() as u64;
+        activity.add(chunk.bytes.len() as u64);
         if partial.len() - last_report >= 256 * 1024 || partial.len() == size {
             last_report = partial.len();
             progress(&BlobProgress::Advanced {
@@ -288,6 +309,7 @@ pub async fn fetch_wanted(
     peer: String,
     progress: ProgressSink,
     only: Option<String>,
+    activity: Activity,
 ) -> FetchReport {
     let mut report = FetchReport::default();
     let setup = blocking(|| {
@@ -338,7 +360,7 @@ pub async fn fetch_wanted(
         loop {
             attempts += 1;
             let resumed = blobs.partial_len(&hash) > 0;
-            match fetch_one(&conn, &blobs, &hash, blob.size, &peer, &progress).await {
+            match fetch_one(&conn, &blobs, &hash, blob.size, &peer, &progress, &activity).await {
                 Ok(bytes) => {
                     report.fetched += 1;
                     report.bytes += bytes;
@@ -387,7 +409,12 @@ pub async fn fetch_wanted(
 
 /// Serves blob requests arriving on `conn` from `peer` until the
 /// connection closes, at most [`SERVE_STREAMS_MAX`] at a time.
-pub async fn serve_blob_streams(conn: quinn::Connection, home: PathBuf, peer: PeerRow) {
+pub async fn serve_blob_streams(
+    conn: quinn::Connection,
+    home: PathBuf,
+    peer: PeerRow,
+    activity: Activity,
+) {
     let limit = Arc::new(tokio::sync::Semaphore::new(SERVE_STREAMS_MAX));
     let mut tasks = tokio::task::JoinSet::new();
     while let Ok((send, recv)) = conn.accept_bi().await {
@@ -397,9 +424,10 @@ pub async fn serve_blob_streams(conn: quinn::Connection, home: PathBuf, peer: Pe
         let home = home.clone();
         let peer = peer.clone();
         let conn = conn.clone();
+        let activity = activity.clone();
         tasks.spawn(async move {
             if let Err(TransferError::Misbehaved(reason)) =
-                serve_one(send, recv, &home, &peer).await
+                serve_one(send, recv, &home, &peer, &activity).await
             {
                 conn.close(
                     crate::net::CLOSE_MISBEHAVED.into(),
@@ -418,6 +446,7 @@ async fn serve_one(
     mut recv: quinn::RecvStream,
     home: &Path,
     peer: &PeerRow,
+    activity: &Activity,
 ) -> Result<(), TransferError> {
     let (request, _) = read_header(&mut recv).await?;
     let Message::BlobRequest { hash, offset } = request else {
@@ -474,6 +503,7 @@ async fn serve_one(
         }
         send.write_all(&buf[..n]).await.map_err(interrupted)?;
         left -= n as u64;
+        activity.add(n as u64);
     }
     let _ = send.finish();
     // Wait (bounded) until the peer has the bytes before dropping the stream.
