@@ -1,0 +1,252 @@
+//! Stories about change cursors: what a reconnect costs, how changes
+//! travel through intermediate nodes, and what a crash mid-session leaves.
+
+use automerge::transaction::Transactable;
+use automerge::{ActorId, Automerge, ReadDoc, ROOT};
+use fieldcase_sync::memory::MemoryNode;
+use fieldcase_sync::{CaseId, Session, SessionConfig, SessionError};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Upper bound on delivery rounds in one session.
+const ROUNDS_MAX: usize = 10_000;
+
+fn id(s: &str) -> CaseId {
+    CaseId::new(s).unwrap()
+}
+
+fn node(n: u8) -> MemoryNode {
+    MemoryNode::with_store_id([n; 16])
+}
+
+fn create(node: &mut MemoryNode, actor: u8, code: &str) {
+    let mut doc = Automerge::new().with_actor(ActorId::from(vec![actor; 16]));
+    let mut tx = doc.transaction();
+    tx.put(ROOT, "code", code).unwrap();
+    tx.commit();
+    node.docs.insert(id(code), doc);
+}
+
+fn edit(node: &mut MemoryNode, actor: u8, code: &str, key: &str, value: &str) {
+    let doc = node.docs.get_mut(&id(code)).unwrap();
+    doc.set_actor(ActorId::from(vec![actor; 16]));
+    let mut tx = doc.transaction();
+    tx.put(ROOT, key, value).unwrap();
+    tx.commit();
+}
+
+/// Runs a one-shot session between `a` (named `an`) and `b` (named `bn`),
+/// delivering at most `cut_after` frames before the connection dies.
+/// Returns both sessions' stats when it completes.
+fn session(
+    a: &mut MemoryNode,
+    an: &str,
+    b: &mut MemoryNode,
+    bn: &str,
+    cut_after: Option<usize>,
+) -> Result<(Session, Session), SessionError> {
+    let mut sa = Session::new(SessionConfig::default());
+    let mut sb = Session::new(SessionConfig::default());
+    sa.start(&mut a.for_peer(bn))?;
+    sb.start(&mut b.for_peer(an))?;
+    let mut delivered = 0usize;
+    for _ in 0..ROUNDS_MAX {
+        let mut moved = false;
+        while let Some(f) = sa.poll_transmit() {
+            if cut_after.is_some_and(|n| delivered >= n) {
+                return Ok((sa, sb));
+            }
+            delivered += 1;
+            moved = true;
+            sb.handle_bytes(&f, &mut b.for_peer(an))?;
+        }
+        while let Some(f) = sb.poll_transmit() {
+            if cut_after.is_some_and(|n| delivered >= n) {
+                return Ok((sa, sb));
+            }
+            delivered += 1;
+            moved = true;
+            sa.handle_bytes(&f, &mut a.for_peer(bn))?;
+        }
+        if !moved {
+            sa.fill(&mut a.for_peer(bn))?;
+            sb.fill(&mut b.for_peer(an))?;
+            if !sa.has_queued() && !sb.has_queued() {
+                assert!(
+                    sa.is_finished() && sb.is_finished(),
+                    "quiet but not finished"
+                );
+                return Ok((sa, sb));
+            }
+        }
+    }
+    panic!("session did not finish within {ROUNDS_MAX} rounds");
+}
+
+fn heads_of(n: &MemoryNode) -> Vec<(CaseId, Vec<automerge::ChangeHash>)> {
+    n.docs
+        .iter()
+        .map(|(k, d)| (k.clone(), d.get_heads()))
+        .collect()
+}
+
+#[test]
+fn after_the_first_sync_a_reconnect_lists_only_what_changed() {
+    let mut center = node(1);
+    let mut laptop = node(2);
+    for i in 0..500 {
+        create(&mut center, 1, &format!("C-{i}"));
+    }
+    let (_, l) = session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    assert_eq!(l.stats().cases_received.len(), 500);
+
+    // Nothing changed: no per-case message, the same small frame count
+    // whatever the number of cases.
+    let (c, l) = session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    for s in [&c, &l] {
+        assert_eq!(s.stats().case_messages_sent, 0);
+        assert_eq!(
+            s.stats().frames_sent,
+            5,
+            "hello, since, empty changes, blobs-done, idle"
+        );
+    }
+
+    // Ten changed on each side: exactly those are exchanged.
+    for i in 0..10 {
+        edit(
+            &mut center,
+            1,
+            &format!("C-{i}"),
+            "status_note",
+            "processed",
+        );
+        edit(&mut laptop, 2, &format!("C-{}", 100 + i), "phone", "0912");
+    }
+    let (c, l) = session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    assert_eq!(c.stats().cases_sent.len(), 10);
+    assert_eq!(l.stats().cases_sent.len(), 10);
+    assert!(c.stats().case_messages_sent <= 40, "{:?}", c.stats());
+    assert_eq!(heads_of(&center), heads_of(&laptop));
+}
+
+#[test]
+fn a_change_travels_from_laptop_to_laptop_through_the_center_and_a_district_hub() {
+    // laptop-a — center-1 — district — center-2 — laptop-b
+    let mut nodes: Vec<MemoryNode> = (1..=5).map(node).collect();
+    let names = ["laptop-a", "center-1", "district", "center-2", "laptop-b"];
+    create(&mut nodes[0], 10, "A-1");
+    create(&mut nodes[4], 50, "B-1");
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0005);
+    // Random orders of edge syncs; four sweeps cover the diameter.
+    for _ in 0..4 {
+        let mut edges: Vec<usize> = (0..4).collect();
+        for i in (1..edges.len()).rev() {
+            let j = rng.random_range(0..=i);
+            edges.swap(i, j);
+        }
+        for e in edges {
+            let (left, right) = nodes.split_at_mut(e + 1);
+            session(&mut left[e], names[e], &mut right[0], names[e + 1], None).unwrap();
+        }
+    }
+    for n in &nodes {
+        assert_eq!(heads_of(n), heads_of(&nodes[0]));
+        assert_eq!(n.docs.len(), 2);
+    }
+    // An edit on laptop-b reaches laptop-a the same way.
+    edit(
+        &mut nodes[4],
+        50,
+        "A-1",
+        "answer",
+        "certificate ready Friday",
+    );
+    for e in (0..4).rev() {
+        let (left, right) = nodes.split_at_mut(e + 1);
+        session(&mut left[e], names[e], &mut right[0], names[e + 1], None).unwrap();
+    }
+    let answer = nodes[0].docs[&id("A-1")]
+        .get(ROOT, "answer")
+        .unwrap()
+        .map(|(v, _)| v.into_string().unwrap());
+    assert_eq!(answer.as_deref(), Some("certificate ready Friday"));
+}
+
+#[test]
+fn a_star_of_laptops_converges_in_any_order() {
+    let mut rng = ChaCha8Rng::seed_from_u64(0x57a2);
+    let mut center = node(1);
+    let mut laptops: Vec<MemoryNode> = (2..=4).map(node).collect();
+    for (i, l) in laptops.iter_mut().enumerate() {
+        for k in 0..5 {
+            create(l, 2 + i as u8, &format!("L{i}-{k}"));
+        }
+    }
+    for _ in 0..2 {
+        let mut order: Vec<usize> = (0..3).collect();
+        for i in (1..order.len()).rev() {
+            let j = rng.random_range(0..=i);
+            order.swap(i, j);
+        }
+        for i in order {
+            session(
+                &mut laptops[i],
+                &format!("laptop-{i}"),
+                &mut center,
+                "center",
+                None,
+            )
+            .unwrap();
+        }
+    }
+    for l in &laptops {
+        assert_eq!(heads_of(l), heads_of(&center));
+    }
+    assert_eq!(center.docs.len(), 15);
+}
+
+#[test]
+fn a_crash_mid_session_leaves_the_cursor_behind_and_the_next_sync_resends_only_the_rest() {
+    let mut center = node(1);
+    let mut laptop = node(2);
+    for i in 0..300 {
+        create(&mut center, 1, &format!("C-{i:03}"));
+    }
+    // The connection dies after a few hundred frames: part of the cases
+    // arrived (and were committed), the rest did not.
+    session(&mut center, "center", &mut laptop, "laptop", Some(400)).unwrap();
+    let got = laptop.docs.len();
+    assert!(got > 0 && got < 300, "the cut came mid-way ({got} cases)");
+    assert!(
+        laptop.cursors.get("center").is_none(),
+        "the cursor never moves before everything listed is held"
+    );
+    // The next session converges, sending only what is missing.
+    let (c, _) = session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    assert_eq!(c.stats().cases_sent.len(), 300 - got);
+    assert_eq!(heads_of(&center), heads_of(&laptop));
+    assert!(laptop.cursors.contains_key("center"));
+}
+
+#[test]
+fn a_center_restored_from_an_old_backup_is_listed_from_the_start() {
+    let mut center = node(1);
+    let mut laptop = node(2);
+    create(&mut center, 1, "C-1");
+    session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    // The center's disk is replaced: a new store id, and a case the laptop
+    // has never seen with a low sequence number.
+    let mut restored = node(9);
+    create(&mut restored, 1, "C-2");
+    let (_, l) = session(&mut restored, "center", &mut laptop, "laptop", None).unwrap();
+    assert_eq!(
+        l.stats().cases_received.len(),
+        1,
+        "the new store is listed from zero"
+    );
+    assert!(
+        restored.docs.contains_key(&id("C-1")),
+        "and the laptop restores what it lost"
+    );
+}
