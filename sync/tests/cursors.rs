@@ -219,7 +219,7 @@ fn a_crash_mid_session_leaves_the_cursor_behind_and_the_next_sync_resends_only_t
     let got = laptop.docs.len();
     assert!(got > 0 && got < 300, "the cut came mid-way ({got} cases)");
     assert!(
-        laptop.cursors.get("center").is_none(),
+        !laptop.cursors.contains_key("center"),
         "the cursor never moves before everything listed is held"
     );
     // The next session converges, sending only what is missing.
