@@ -135,6 +135,11 @@ pub struct SessionStats {
     pub frames_sent: u64,
     /// Frames we received, of any kind.
     pub frames_received: u64,
+    /// Session bytes we sent (frames with their headers), excluding QUIC
+    /// and TLS overhead.
+    pub bytes_sent: u64,
+    /// Session bytes we received.
+    pub bytes_received: u64,
 }
 
 /// Why a session ended badly. [`SessionError::is_peer_fault`] separates
@@ -463,12 +468,15 @@ impl Session {
             self.data_sent += 1;
         }
         self.stats.frames_sent += 1;
-        self.outbox.push_back(encode_frame(&msg.encode()));
+        let frame = encode_frame(&msg.encode());
+        self.stats.bytes_sent += frame.len() as u64;
+        self.outbox.push_back(frame);
     }
 
     fn drain_frames(&mut self, store: &mut dyn CaseStore) -> Result<(), SessionError> {
         while let Some(payload) = self.decoder.next_frame()? {
             self.stats.frames_received += 1;
+            self.stats.bytes_received += (payload.len() + crate::frame::FRAME_HEADER_BYTES) as u64;
             let msg = Message::decode(&payload)?;
             self.handle_message(msg, store)?;
             if self.is_closed() {
