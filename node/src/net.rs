@@ -452,6 +452,7 @@ async fn drive(
     }
 
     let mut buf = vec![0u8; READ_CHUNK_BYTES];
+    let mut unsent_replies_invalid = false;
     let mut we_finished = false;
     let mut live = false;
     let mut reported = SessionStats::default();
@@ -506,7 +507,26 @@ async fn drive(
                             ))) if we_finished && c.error_code == CLOSE_DONE.into() => break,
                             Ok(Err(e)) => return Err(read_error(&name, e)),
                             Ok(Ok(Some(n))) => blocking(|| {
-                                session.handle_bytes(&buf[..n], &mut PeerStore::new(store, peer))
+                                // One transaction for everything these bytes
+                                // bring; replies leave only after it commits.
+                                store.begin_batch().map_err(|e| SessionError::Local(fault(e)))?;
+                                let r = session.handle_bytes(&buf[..n], &mut PeerStore::new(store, peer));
+                                match r {
+                                    Ok(()) => store.end_batch().map_err(|e| {
+                                        // The replies just queued describe
+                                        // merges that did not happen.
+                                        unsent_replies_invalid = true;
+                                        SessionError::Local(fault(e))
+                                    }),
+                                    Err(e) => {
+                                        // Keep what was merged before the
+                                        // bad frame; it is valid on its own.
+                                        if store.end_batch().is_err() {
+                                            unsent_replies_invalid = true;
+                                        }
+                                        Err(e)
+                                    }
+                                }
                             }),
                             Ok(Ok(None)) => {
                                 let r = session.handle_peer_finished();
@@ -590,7 +610,12 @@ async fn drive(
             }
         };
         if let Err(source) = step {
-            // Tell the peer why before closing; best effort, bounded.
+            // Tell the peer why before closing; best effort, bounded. If a
+            // batch failed to commit, queued replies would claim data we
+            // do not hold: send nothing more.
+            if unsent_replies_invalid {
+                tx = None;
+            }
             if let Some(queue) = tx.take() {
                 while let Some(frame) = session.poll_transmit() {
                     if queue.try_send(frame).is_err() {
