@@ -6,6 +6,7 @@
 //! serve` processes on loopback QUIC. Every wait is bounded: a command that
 //! runs longer than [`COMMAND_TIMEOUT`] is killed and the test fails.
 
+pub mod crash;
 pub mod relay;
 
 use std::io::{BufRead, BufReader, Read};
