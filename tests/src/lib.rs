@@ -8,6 +8,7 @@
 
 pub mod crash;
 pub mod relay;
+pub mod sim;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
