@@ -15,6 +15,7 @@ pub mod attach;
 pub mod blobs;
 pub mod case;
 pub mod config;
+pub mod congestion;
 pub mod identity;
 pub mod net;
 pub mod node;
