@@ -58,6 +58,9 @@ pub const CONNECT_TIMEOUT_MS: u64 = 10_000;
 /// this bounds a peer that stalls on purpose.
 pub const SESSION_STALL_TIMEOUT_MS: u64 = 60_000;
 
+/// How long a finished client lingers so its close frame leaves.
+pub const CLOSE_LINGER_MS: u64 = 20;
+
 /// How long to wait for the peer to finish its side after we finished ours.
 pub const FINISH_TIMEOUT_MS: u64 = 10_000;
 
@@ -913,7 +916,15 @@ pub async fn sync_with(
             truncate(&e.to_string()).as_bytes(),
         ),
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    // Give the close frame a moment to leave. Waiting for the endpoint to
+    // be fully idle would add QUIC's drain period (three probe timeouts)
+    // to every sync; the peer needs no more than the close frame, and a
+    // lost one only makes it notice through its idle timeout.
+    let _ = tokio::time::timeout(
+        Duration::from_millis(CLOSE_LINGER_MS),
+        endpoint.wait_idle(),
+    )
+    .await;
     result.map(|(stats, blobs)| SyncReport {
         peer: peer.name.clone(),
         stats,
