@@ -15,6 +15,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
+use fieldcase_node::bulk::{BulkError, Format};
 use fieldcase_node::case::{self, DocState, NewCase, Status};
 use fieldcase_node::net::{self, Logger, Server, SyncOptions};
 use fieldcase_node::node::{Node, Role};
@@ -243,6 +244,34 @@ enum CaseCommand {
         /// Where to write it.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Import cases from a CSV file (header row) or JSON Lines, the same
+    /// fields as `case new`. Invalid rows are listed by line and skipped;
+    /// the valid rows are imported (unless --dry-run) and the exit status
+    /// is non-zero if any row was invalid. Not idempotent: importing a file
+    /// twice creates its cases twice.
+    Import {
+        /// The file (`-` for standard input, which needs --format).
+        file: PathBuf,
+        /// csv | jsonl (default: from the file extension).
+        #[arg(long)]
+        format: Option<String>,
+        /// Check every row and report, writing nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Machine-readable report.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export every case as CSV or JSON Lines (importable again).
+    Export {
+        /// csv | jsonl (default: from --out's extension, else csv).
+        #[arg(long)]
+        format: Option<String>,
+        /// Write here instead of standard output (replaced only once the
+        /// export is complete).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// List a procedure's fields and checklist items.
     Fields {
@@ -530,6 +559,102 @@ fn parse_set(pairs: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
+/// The format named by `--format`, else implied by the file name.
+fn bulk_format(given: Option<&str>, path: Option<&Path>) -> Result<Option<Format>> {
+    match given {
+        Some(f) => Ok(Some(f.parse()?)),
+        None => Ok(path.and_then(Format::from_path)),
+    }
+}
+
+fn import(
+    node: &mut Node,
+    file: &Path,
+    format: Option<&str>,
+    dry_run: bool,
+    json: bool,
+) -> Result<()> {
+    let stdin = file.as_os_str() == "-";
+    let format = bulk_format(format, (!stdin).then_some(file))?.ok_or_else(|| {
+        anyhow!(
+            "cannot tell the format of {} from its name; pass --format csv or --format jsonl",
+            file.display()
+        )
+    })?;
+    let report = if stdin {
+        node.import(std::io::stdin().lock(), format, dry_run)?
+    } else {
+        let f =
+            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        node.import(f, format, dry_run)?
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        output::print_import(&report);
+    }
+    if report.invalid_count > 0 {
+        if dry_run {
+            bail!(
+                "{} invalid row(s); nothing was written (dry run)",
+                report.invalid_count
+            );
+        }
+        bail!(
+            "{} invalid row(s) were not imported; the {} valid row(s) were. Fix the invalid \
+             rows in a new file holding only them: importing the whole file again would \
+             create the valid rows twice",
+            report.invalid_count,
+            report.imported
+        );
+    }
+    Ok(())
+}
+
+fn export(node: &Node, format: Option<&str>, out: Option<&Path>) -> Result<()> {
+    let format = bulk_format(format, out)?.unwrap_or(Format::Csv);
+    let report = match out {
+        None => node.export(std::io::stdout().lock(), format)?,
+        Some(path) => {
+            // Written beside the target and renamed at the end, so a failed
+            // export never leaves a truncated file under the real name.
+            let mut name = path
+                .file_name()
+                .ok_or_else(|| anyhow!("--out {} is not a file name", path.display()))?
+                .to_os_string();
+            name.push(".partial");
+            let tmp = path.with_file_name(name);
+            let f = std::fs::File::create(&tmp)
+                .with_context(|| format!("cannot create {}", tmp.display()))?;
+            let written = node.export(&f, format).and_then(|r| {
+                f.sync_all().map_err(BulkError::Write)?;
+                Ok(r)
+            });
+            let report = match written {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e.into());
+                }
+            };
+            std::fs::rename(&tmp, path).with_context(|| {
+                format!("cannot rename {} to {}", tmp.display(), path.display())
+            })?;
+            println!("exported {} cases to {}", report.exported, path.display());
+            report
+        }
+    };
+    if report.damaged_count > 0 {
+        bail!(
+            "{} damaged case(s) were left out ({}); they will be re-fetched from a peer at the \
+             next sync",
+            report.damaged_count,
+            report.damaged.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn case_command(home: &Path, cmd: CaseCommand) -> Result<()> {
     if let CaseCommand::Fields { procedure } = &cmd {
         output::print_fields(case::procedure(procedure)?);
@@ -629,6 +754,13 @@ fn case_command(home: &Path, cmd: CaseCommand) -> Result<()> {
             println!("{code}: conflict on {field} resolved as '{value}'");
         }
         CaseCommand::Fields { procedure } => output::print_fields(case::procedure(&procedure)?),
+        CaseCommand::Import {
+            file,
+            format,
+            dry_run,
+            json,
+        } => import(&mut node, &file, format.as_deref(), dry_run, json)?,
+        CaseCommand::Export { format, out } => export(&node, format.as_deref(), out.as_deref())?,
         CaseCommand::Attach {
             code,
             item,

@@ -1,6 +1,7 @@
 //! Human-readable tables and the documented JSON shapes.
 
 use fieldcase_node::attach::FileEntry;
+use fieldcase_node::bulk::ImportReport;
 use fieldcase_node::case::{CaseView, ProcedureDef};
 use fieldcase_node::node::now_ms;
 use fieldcase_node::store::{CaseRow, PeerRow};
@@ -341,4 +342,40 @@ pub fn print_files(files: &[FileEntry]) {
         &["HASH", "ITEM", "NAME", "TYPE", "SIZE", "LOCAL", "BY"],
         &rows,
     );
+}
+
+/// The summary of `case import`: counts, then one line per invalid row.
+pub fn print_import(r: &ImportReport) {
+    if r.dry_run {
+        println!(
+            "dry run: {} valid rows would be imported, {} invalid rows; nothing was written",
+            r.valid, r.invalid_count
+        );
+    } else {
+        println!(
+            "imported {} cases, {} invalid rows",
+            r.imported, r.invalid_count
+        );
+        if let (Some(first), Some(last)) = (&r.first_code, &r.last_code) {
+            println!("codes {first} to {last}");
+        }
+    }
+    if !r.ignored_columns.is_empty() {
+        println!(
+            "ignored read-only columns: {} (new cases get their own code, status and due date)",
+            r.ignored_columns.join(", ")
+        );
+    }
+    if r.blank_rows > 0 {
+        println!("skipped {} blank rows", r.blank_rows);
+    }
+    for e in &r.invalid {
+        println!("line {}: {}", e.line, e.reason);
+    }
+    let unlisted = r.invalid_count.saturating_sub(r.invalid.len() as u64);
+    if unlisted > 0 {
+        println!(
+            "... and {unlisted} more invalid rows (fix these first, then run again with --dry-run)"
+        );
+    }
 }

@@ -9,10 +9,12 @@
 //! - [`blobs`]: content-addressed attachment bytes beside the database.
 //! - [`transfer`]: attachment streams over QUIC, resumable and verified.
 //! - [`config`]: per-node settings (blob size limit, fetch policy).
+//! - [`bulk`]: CSV and JSON Lines import and export of cases.
 //! - [`node`]: the facade tying them together for the CLI and tests.
 
 pub mod attach;
 pub mod blobs;
+pub mod bulk;
 pub mod case;
 pub mod config;
 pub mod congestion;

@@ -177,6 +177,17 @@ pub fn project(doc: &Automerge) -> Result<Projection, String> {
     })
 }
 
+/// What a failed case creation means for the caller (shared by
+/// [`Node::new_case`] and the batch creation in [`crate::bulk`]).
+pub(crate) fn create_error(e: CreateError<CaseError>) -> NodeError {
+    match e {
+        CreateError::Make(e) => NodeError::Case(e),
+        CreateError::Store(e) => NodeError::Store(e),
+        CreateError::Exists(code) => NodeError::CodeTaken(code),
+        CreateError::Rejected(reason) => NodeError::Rejected(reason),
+    }
+}
+
 /// Opens the store of a node home.
 pub fn open_store(home: &Path) -> Result<Store, NodeError> {
     Ok(Store::open(&home.join(DB_FILE), project)?)
@@ -186,9 +197,11 @@ pub fn open_store(home: &Path) -> Result<Store, NodeError> {
 pub struct Node {
     home: PathBuf,
     identity: Identity,
-    store: Store,
+    /// Shared with [`crate::bulk`], which pages through codes from `&self`.
+    pub(crate) store: Store,
     role: Role,
-    author: Author,
+    /// Shared with [`crate::bulk`], which creates cases in batches.
+    pub(crate) author: Author,
 }
 
 impl Node {
@@ -275,12 +288,7 @@ impl Node {
                 let doc = case::create(&code, new, &author, now)?;
                 Ok::<_, CaseError>((code, doc))
             })
-            .map_err(|e| match e {
-                CreateError::Make(e) => NodeError::Case(e),
-                CreateError::Store(e) => NodeError::Store(e),
-                CreateError::Exists(code) => NodeError::CodeTaken(code),
-                CreateError::Rejected(reason) => NodeError::Rejected(reason),
-            })?;
+            .map_err(create_error)?;
         crate::notify::announce(&self.home, &code);
         Ok(code)
     }
@@ -325,7 +333,7 @@ impl Node {
 
     /// Loads a case; a damaged stored copy is marked for repair from a peer
     /// and reported as such.
-    fn load_checked(&self, code: &str) -> Result<Option<Automerge>, NodeError> {
+    pub(crate) fn load_checked(&self, code: &str) -> Result<Option<Automerge>, NodeError> {
         match self.store.load_case(code) {
             Err(StoreError::CorruptCase { code, reason }) => {
                 // A second connection marks it: `show` takes `&self`.

@@ -31,6 +31,16 @@ fn notify_dir(home: &Path) -> PathBuf {
 /// ignored on purpose (see the module docs); stale sockets of processes
 /// that died are removed.
 pub fn announce(home: &Path, code: &str) {
+    announce_many(home, std::slice::from_ref(&code));
+}
+
+/// Like [`announce`] for many codes at once (a bulk import's batch): the
+/// listener folder is read once, not once per code. A listener whose socket
+/// buffer fills drops the rest, which is harmless (see the module docs).
+pub fn announce_many<S: AsRef<str>>(home: &Path, codes: &[S]) {
+    if codes.is_empty() {
+        return;
+    }
     let Ok(entries) = std::fs::read_dir(notify_dir(home)) else {
         return;
     };
@@ -40,11 +50,18 @@ pub fn announce(home: &Path, code: &str) {
     let _ = sock.set_nonblocking(true);
     for entry in entries.flatten() {
         let path = entry.path();
-        if let Err(e) = sock.send_to(code.as_bytes(), &path) {
-            if e.kind() == std::io::ErrorKind::ConnectionRefused
-                || e.kind() == std::io::ErrorKind::NotFound
-            {
-                let _ = std::fs::remove_file(&path);
+        for code in codes {
+            match sock.send_to(code.as_ref().as_bytes(), &path) {
+                Ok(_) => {}
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        || e.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    let _ = std::fs::remove_file(&path);
+                    break;
+                }
+                // Full buffer or anything else: skip this listener.
+                Err(_) => break,
             }
         }
     }

@@ -79,6 +79,10 @@ pub const BUSY_TIMEOUT_MS: u64 = 5_000;
 /// laptop and make a concurrent `case set` fail as busy.
 pub const CREATE_BATCH_MAX: usize = 10_000;
 
+/// Most threads [`par_map`] uses: centers run on 2- to 4-core desktops, and
+/// more threads than cores only add memory.
+const PAR_THREADS_MAX: usize = 4;
+
 /// Schema version written to `PRAGMA user_version`.
 pub const SCHEMA_VERSION: i64 = 3;
 
@@ -548,67 +552,111 @@ fn write_case(
     p: &Projection,
 ) -> Result<(), StoreError> {
     let sql = |e| classify(e, path);
-    let seq = bump_update_seq(conn, path)?;
     let heads = encode_heads(&sorted_heads(doc));
-    match prev {
-        None => {
-            conn.execute(
-                "INSERT INTO cases (code, snapshot, heads, update_seq, procedure, status, \
-                 village, applicant, due_date, updated_at_ms, conflicts) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                params![
-                    code,
-                    doc.save(),
-                    heads,
-                    seq,
-                    p.procedure,
-                    p.status,
-                    p.village,
-                    p.applicant,
-                    p.due_date,
-                    p.updated_at_ms,
-                    p.conflicts
-                ],
-            )
+    let Some(prev) = prev else {
+        return insert_case(conn, path, code, &heads, &doc.save(), p);
+    };
+    let seq = bump_update_seq(conn, path)?;
+    if prev.chunks + 1 > COMPACT_THRESHOLD {
+        conn.execute("DELETE FROM case_changes WHERE code = ?1", [code])
             .map_err(sql)?;
-        }
-        Some(prev) => {
-            if prev.chunks + 1 > COMPACT_THRESHOLD {
-                conn.execute("DELETE FROM case_changes WHERE code = ?1", [code])
-                    .map_err(sql)?;
-                conn.execute(
-                    "UPDATE cases SET snapshot = ?2 WHERE code = ?1",
-                    params![code, doc.save()],
-                )
-                .map_err(sql)?;
-            } else {
-                conn.execute(
-                    "INSERT INTO case_changes (code, data) VALUES (?1, ?2)",
-                    params![code, doc.save_after(prev.heads)],
-                )
-                .map_err(sql)?;
-            }
-            conn.execute(
-                "UPDATE cases SET heads = ?2, update_seq = ?3, procedure = ?4, status = ?5, \
-                 village = ?6, applicant = ?7, due_date = ?8, updated_at_ms = ?9, \
-                 conflicts = ?10 WHERE code = ?1",
-                params![
-                    code,
-                    heads,
-                    seq,
-                    p.procedure,
-                    p.status,
-                    p.village,
-                    p.applicant,
-                    p.due_date,
-                    p.updated_at_ms,
-                    p.conflicts
-                ],
-            )
-            .map_err(sql)?;
-        }
+        conn.execute(
+            "UPDATE cases SET snapshot = ?2 WHERE code = ?1",
+            params![code, doc.save()],
+        )
+        .map_err(sql)?;
+    } else {
+        conn.execute(
+            "INSERT INTO case_changes (code, data) VALUES (?1, ?2)",
+            params![code, doc.save_after(prev.heads)],
+        )
+        .map_err(sql)?;
     }
+    conn.execute(
+        "UPDATE cases SET heads = ?2, update_seq = ?3, procedure = ?4, status = ?5, \
+         village = ?6, applicant = ?7, due_date = ?8, updated_at_ms = ?9, \
+         conflicts = ?10 WHERE code = ?1",
+        params![
+            code,
+            heads,
+            seq,
+            p.procedure,
+            p.status,
+            p.village,
+            p.applicant,
+            p.due_date,
+            p.updated_at_ms,
+            p.conflicts
+        ],
+    )
+    .map_err(sql)?;
     write_blobs(conn, path, code, &p.blobs)
+}
+
+/// Inserts a new case row (snapshot already saved, heads encoded) with its
+/// projection and blob rows, bumping `update_seq`, inside the caller's
+/// transaction.
+fn insert_case(
+    conn: &Connection,
+    path: &Path,
+    code: &str,
+    heads: &[u8],
+    snapshot: &[u8],
+    p: &Projection,
+) -> Result<(), StoreError> {
+    let seq = bump_update_seq(conn, path)?;
+    conn.prepare_cached(
+        "INSERT INTO cases (code, snapshot, heads, update_seq, procedure, status, \
+         village, applicant, due_date, updated_at_ms, conflicts) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            code,
+            snapshot,
+            heads,
+            seq,
+            p.procedure,
+            p.status,
+            p.village,
+            p.applicant,
+            p.due_date,
+            p.updated_at_ms,
+            p.conflicts
+        ])
+    })
+    .map_err(|e| classify(e, path))?;
+    write_blobs(conn, path, code, &p.blobs)
+}
+
+/// Maps `f` over `items` on up to [`PAR_THREADS_MAX`] scoped threads (the
+/// machine's parallelism), keeping the order. Used for the CPU-heavy part
+/// of batch work (building, projecting and saving documents), which would
+/// otherwise leave the second core of a center's desktop idle.
+pub(crate) fn par_map<T: Sync, U: Send>(items: &[T], f: impl Fn(&T) -> U + Sync) -> Vec<U> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(PAR_THREADS_MAX);
+    if threads < 2 || items.len() < 32 {
+        return items.iter().map(f).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|part| s.spawn(move || part.iter().map(f).collect::<Vec<U>>()))
+            .collect();
+        let mut out = Vec::with_capacity(items.len());
+        for h in handles {
+            match h.join() {
+                Ok(part) => out.extend(part),
+                // `f` panicked: re-raise it here rather than lose results.
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
+        out
+    })
 }
 
 fn put_sync_state(
@@ -962,7 +1010,7 @@ impl Store {
         let next = first
             .checked_add(count as i64)
             .ok_or_else(|| StoreError::Corrupt { path: path.clone() })?;
-        let mut codes = Vec::with_capacity(count);
+        let mut made = Vec::with_capacity(count);
         for i in 0..count {
             let (code, doc) = make(i, first_u + i as u64).map_err(CreateError::Make)?;
             validate_code(&code).map_err(CreateError::Rejected)?;
@@ -973,11 +1021,21 @@ impl Store {
                 .prepare_cached("SELECT 1 FROM cases WHERE code = ?1")
                 .and_then(|mut s| s.query_row([&code], |r| r.get(0)).optional())
                 .map_err(sql)?;
-            if exists.is_some() {
+            if exists.is_some() || made.iter().any(|(c, _)| *c == code) {
                 return Err(CreateError::Exists(code));
             }
-            let projection = project(self.projector, &doc).map_err(CreateError::Rejected)?;
-            write_case(&tx, &path, &code, &doc, None, &projection)?;
+            made.push((code, doc));
+        }
+        // Projecting (which validates) and saving are most of the cost of
+        // a new case and touch no database: do them on every core.
+        let projector = self.projector;
+        let prepared = par_map(&made, |(_, doc)| {
+            project(projector, doc).map(|p| (p, encode_heads(&sorted_heads(doc)), doc.save()))
+        });
+        let mut codes = Vec::with_capacity(count);
+        for ((code, _), prepared) in made.into_iter().zip(prepared) {
+            let (projection, heads, snapshot) = prepared.map_err(CreateError::Rejected)?;
+            insert_case(&tx, &path, &code, &heads, &snapshot, &projection)?;
             codes.push(code);
         }
         tx.execute(
@@ -987,6 +1045,25 @@ impl Store {
         .map_err(sql)?;
         tx.commit().map_err(sql)?;
         Ok(codes)
+    }
+
+    /// The sequence number the next created case will get (read only; a
+    /// concurrent writer may take it first). Lets a bulk import build its
+    /// documents, whose codes contain the number, before the transaction.
+    pub fn next_case_seq(&self) -> Result<u64, StoreError> {
+        let v: i64 = self
+            .conn
+            .query_row(
+                "SELECT value FROM counters WHERE name = 'next_case_seq'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.sql())?
+            .ok_or_else(|| StoreError::Corrupt {
+                path: self.path.clone(),
+            })?;
+        to_u64(v, &self.path)
     }
 
     /// Up to `limit` case codes greater than `after` (all codes when
