@@ -17,7 +17,6 @@ pub mod blobs;
 pub mod bulk;
 pub mod case;
 pub mod config;
-pub mod congestion;
 pub mod identity;
 pub mod net;
 pub mod node;
