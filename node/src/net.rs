@@ -920,11 +920,8 @@ pub async fn sync_with(
     // be fully idle would add QUIC's drain period (three probe timeouts)
     // to every sync; the peer needs no more than the close frame, and a
     // lost one only makes it notice through its idle timeout.
-    let _ = tokio::time::timeout(
-        Duration::from_millis(CLOSE_LINGER_MS),
-        endpoint.wait_idle(),
-    )
-    .await;
+    let _ =
+        tokio::time::timeout(Duration::from_millis(CLOSE_LINGER_MS), endpoint.wait_idle()).await;
     result.map(|(stats, blobs)| SyncReport {
         peer: peer.name.clone(),
         stats,
