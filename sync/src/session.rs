@@ -507,9 +507,9 @@ impl Session {
                 self.data_received += 1;
                 self.on_case_sync(case, data, store)
             }
-            (Phase::Sync, Message::Idle { received, sent }) => {
-                self.peer_idle = Some((received, sent));
-                Ok(())
+            (Phase::Sync, Message::Idle { received, sent }) => self.on_idle(received, sent),
+            (Phase::Sync, Message::BlobsDone) if self.peer_blobs_done => {
+                Err(SessionError::Protocol("peer sent BlobsDone twice".into()))
             }
             (Phase::Sync, Message::BlobsDone) => {
                 self.peer_blobs_done = true;
@@ -520,6 +520,33 @@ impl Session {
                 msg.kind()
             ))),
         }
+    }
+
+    /// Checks the peer's Idle against what an honest peer can say, so that
+    /// an endless stream of Idle frames cannot keep a session (and its
+    /// connection slot and task) alive forever while nothing is exchanged.
+    ///
+    /// An honest peer sends Idle only after its data messages, on the same
+    /// ordered stream, so its `sent` count is exactly what we have received
+    /// by then and its `received` count at most what we have sent. And it
+    /// sends Idle only when its counts moved since its last Idle
+    /// ([`Session::after_input`]), so two Idles in a row never carry the
+    /// same counts. Either break is a protocol error.
+    fn on_idle(&mut self, received: u64, sent: u64) -> Result<(), SessionError> {
+        if sent != self.data_received || received > self.data_sent {
+            return Err(SessionError::Protocol(format!(
+                "peer's Idle claims {sent} data messages sent and {received} received; \
+                 we received {} and sent {}",
+                self.data_received, self.data_sent
+            )));
+        }
+        if self.peer_idle == Some((received, sent)) {
+            return Err(SessionError::Protocol(
+                "peer repeated an Idle with unchanged counts".into(),
+            ));
+        }
+        self.peer_idle = Some((received, sent));
+        Ok(())
     }
 
     fn on_hello(&mut self, h: Hello) -> Result<(), SessionError> {
