@@ -354,10 +354,9 @@ fn a_client_speaking_only_version_99_is_told_both_version_ranges() -> Result<()>
         g.reason
     );
     ensure!(
-        !out.messages.iter().any(|m| matches!(
-            m,
-            Message::Changes { .. } | Message::CaseSync { .. }
-        )),
+        !out.messages
+            .iter()
+            .any(|m| matches!(m, Message::Changes { .. } | Message::CaseSync { .. })),
         "the center sent data to a peer it cannot talk to: {:?}",
         out.messages
     );
