@@ -48,10 +48,23 @@ use crate::wire::{
     CHANGES_ENTRIES_MAX, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
 };
 
-/// Most cases one session tracks sync state for or queues offers for,
-/// which bounds the memory a peer can make us spend (a few hundred bytes
-/// each).
-pub const ACTIVE_CASES_MAX: usize = 2_000_000;
+/// Most cases one session may queue offers for (the peer's listing of cases
+/// that differ). A case id costs about 150 bytes here, so a listing without
+/// end is refused at about 150 MB; a district hub with hundreds of
+/// thousands of cases stays well inside.
+pub const ACTIVE_CASES_MAX: usize = 1_000_000;
+
+/// Cases we have offered and not yet seen converge. New offers wait while
+/// this many exchanges are open, so memory for Automerge sync states stays
+/// bounded however many cases differ, and a peer that never answers stalls
+/// its own session instead of growing ours.
+pub const OFFERS_IN_FLIGHT_MAX: usize = 1024;
+
+/// Most Automerge sync states one session holds at once. An honest peer
+/// keeps at most [`OFFERS_IN_FLIGHT_MAX`] exchanges open, and so do we; a
+/// converged case's state is dropped. More means the peer is flooding us
+/// with offers for cases it never finishes.
+pub const SYNC_STATES_MAX: usize = 16 * OFFERS_IN_FLIGHT_MAX;
 
 /// Frames the session generates ahead of the transport. Lazily generated
 /// listings and offers stop here, so a first sync of 100,000 cases holds a
@@ -264,6 +277,8 @@ pub struct Session {
     to_offer: VecDeque<CaseId>,
     /// The same cases, to avoid queueing one twice.
     queued: BTreeSet<CaseId>,
+    /// Cases with an exchange in progress (see [`OFFERS_IN_FLIGHT_MAX`]).
+    in_flight: BTreeSet<CaseId>,
     /// Automerge sync state per case touched in this session.
     states: BTreeMap<CaseId, AmState>,
     /// The shared heads last persisted per case, to skip redundant writes.
@@ -303,6 +318,7 @@ impl Session {
             cursor_saved: false,
             to_offer: VecDeque::new(),
             queued: BTreeSet::new(),
+            in_flight: BTreeSet::new(),
             states: BTreeMap::new(),
             persisted_shared: BTreeMap::new(),
             pending_local: BTreeSet::new(),
@@ -655,6 +671,9 @@ impl Session {
                 });
                 continue;
             }
+            if self.in_flight.len() >= OFFERS_IN_FLIGHT_MAX {
+                break;
+            }
             let Some(case) = self.to_offer.pop_front() else {
                 break;
             };
@@ -672,9 +691,9 @@ impl Session {
         store: &mut dyn CaseStore,
     ) -> Result<&mut AmState, SessionError> {
         if !self.states.contains_key(case) {
-            if self.states.len() >= ACTIVE_CASES_MAX {
+            if self.states.len() >= SYNC_STATES_MAX {
                 return Err(SessionError::Protocol(format!(
-                    "session would touch more than {ACTIVE_CASES_MAX} cases"
+                    "peer keeps more than {SYNC_STATES_MAX} case exchanges open"
                 )));
             }
             // A persisted state that no longer decodes is our own damaged
@@ -705,15 +724,33 @@ impl Session {
         store: &mut dyn CaseStore,
     ) -> Result<(), SessionError> {
         let state = self.state_for(case, store)?;
-        if let Some(msg) = doc.generate_sync_message(state) {
-            if !msg.changes.is_empty() {
-                self.stats.cases_sent.insert(case.clone());
+        match doc.generate_sync_message(state) {
+            Some(msg) => {
+                if !msg.changes.is_empty() {
+                    self.stats.cases_sent.insert(case.clone());
+                }
+                self.stats.case_messages_sent += 1;
+                self.in_flight.insert(case.clone());
+                self.send(Message::CaseSync {
+                    case: case.clone(),
+                    data: msg.encode(),
+                });
             }
-            self.stats.case_messages_sent += 1;
-            self.send(Message::CaseSync {
-                case: case.clone(),
-                data: msg.encode(),
-            });
+            None => {
+                // Converged when the peer's last word was our very heads:
+                // drop the exchange (its shared heads are persisted; a late
+                // message reloads them), so memory follows the cases in
+                // flight, not the cases synced.
+                let mut ours = doc.get_heads();
+                ours.sort();
+                let mut theirs = state.their_heads.clone().unwrap_or_default();
+                theirs.sort();
+                if theirs == ours {
+                    self.in_flight.remove(case);
+                    self.states.remove(case);
+                    self.persisted_shared.remove(case);
+                }
+            }
         }
         Ok(())
     }
