@@ -443,6 +443,21 @@ fn load_doc(conn: &Connection, path: &Path, code: &str) -> Result<Option<Loaded>
     Ok(Some(Loaded { doc, heads, chunks }))
 }
 
+/// Reads the next local case sequence number; a missing counter row means
+/// the file is not a healthy fieldcase store.
+fn read_next_case_seq(conn: &Connection, path: &Path) -> Result<i64, StoreError> {
+    conn.query_row(
+        "SELECT value FROM counters WHERE name = 'next_case_seq'",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(|e| classify(e, path))?
+    .ok_or_else(|| StoreError::Corrupt {
+        path: path.to_path_buf(),
+    })
+}
+
 /// Bumps and returns the local update counter.
 fn bump_update_seq(conn: &Connection, path: &Path) -> Result<i64, StoreError> {
     conn.query_row(
@@ -924,15 +939,7 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql)?;
-        let seq: i64 = tx
-            .query_row(
-                "SELECT value FROM counters WHERE name = 'next_case_seq'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sql)?
-            .ok_or_else(|| StoreError::Corrupt { path: path.clone() })?;
+        let seq: i64 = read_next_case_seq(&tx, &path)?;
         let seq_u = to_u64(seq, &path)?;
         let (code, doc) = make(seq_u).map_err(CreateError::Make)?;
         validate_code(&code).map_err(CreateError::Rejected)?;
@@ -995,15 +1002,7 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql)?;
-        let first: i64 = tx
-            .query_row(
-                "SELECT value FROM counters WHERE name = 'next_case_seq'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sql)?
-            .ok_or_else(|| StoreError::Corrupt { path: path.clone() })?;
+        let first: i64 = read_next_case_seq(&tx, &path)?;
         let first_u = to_u64(first, &path)?;
         // `count` is at most CREATE_BATCH_MAX, so these cannot overflow
         // unless the stored counter is absurd, which `checked_add` reports.
