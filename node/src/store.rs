@@ -443,19 +443,22 @@ fn load_doc(conn: &Connection, path: &Path, code: &str) -> Result<Option<Loaded>
     Ok(Some(Loaded { doc, heads, chunks }))
 }
 
-/// Reads the next local case sequence number; a missing counter row means
-/// the file is not a healthy fieldcase store.
-fn read_next_case_seq(conn: &Connection, path: &Path) -> Result<i64, StoreError> {
-    conn.query_row(
-        "SELECT value FROM counters WHERE name = 'next_case_seq'",
-        [],
-        |r| r.get(0),
-    )
+/// Reads one of the `counters` rows; a missing row means the file is not a
+/// healthy fieldcase store.
+fn read_counter(conn: &Connection, path: &Path, name: &str) -> Result<i64, StoreError> {
+    conn.query_row("SELECT value FROM counters WHERE name = ?1", [name], |r| {
+        r.get(0)
+    })
     .optional()
     .map_err(|e| classify(e, path))?
     .ok_or_else(|| StoreError::Corrupt {
         path: path.to_path_buf(),
     })
+}
+
+/// The next local case sequence number.
+fn read_next_case_seq(conn: &Connection, path: &Path) -> Result<i64, StoreError> {
+    read_counter(conn, path, "next_case_seq")
 }
 
 /// Bumps and returns the local update counter.
@@ -1050,18 +1053,7 @@ impl Store {
     /// concurrent writer may take it first). Lets a bulk import build its
     /// documents, whose codes contain the number, before the transaction.
     pub fn next_case_seq(&self) -> Result<u64, StoreError> {
-        let v: i64 = self
-            .conn
-            .query_row(
-                "SELECT value FROM counters WHERE name = 'next_case_seq'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(self.sql())?
-            .ok_or_else(|| StoreError::Corrupt {
-                path: self.path.clone(),
-            })?;
+        let v = read_counter(&self.conn, &self.path, "next_case_seq")?;
         to_u64(v, &self.path)
     }
 
@@ -1528,18 +1520,7 @@ impl Store {
     /// The current local update counter: the `update_seq` of the most
     /// recent change to any case (0 if none).
     pub fn update_seq(&self) -> Result<u64, StoreError> {
-        let v: i64 = self
-            .conn
-            .query_row(
-                "SELECT value FROM counters WHERE name = 'update_seq'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(self.sql())?
-            .ok_or_else(|| StoreError::Corrupt {
-                path: self.path.clone(),
-            })?;
+        let v = read_counter(&self.conn, &self.path, "update_seq")?;
         to_u64(v, &self.path)
     }
 
