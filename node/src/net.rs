@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use automerge::{Automerge, ChangeHash};
-use fieldcase_sync::store::ChangedCase;
+use fieldcase_sync::store::{load_whole, whole_doc_sync_state, Adopted, ChangedCase, WholeDoc};
 use fieldcase_sync::wire::StoreId;
 use fieldcase_sync::{
     CaseId, CaseStore, CommitError, CommitOutcome, Event, Session, SessionConfig, SessionError,
@@ -28,7 +28,7 @@ use crate::identity::{self, Identity, IdentityError, NodeId};
 use crate::node::{now_ms, open_store, NodeError};
 use crate::notify::{ChangeListener, CHANNEL_CAPACITY};
 use crate::share::SharePolicy;
-use crate::store::{MergeError, PeerRow, Store, StoreError};
+use crate::store::{par_map, MergeError, MergeOutcome, PeerRow, Store, StoreError};
 use crate::transfer::{self, FetchReport, ProgressSink};
 
 /// Close code: the session converged and ended normally.
@@ -213,6 +213,45 @@ impl<'a> PeerStore<'a> {
     }
 }
 
+impl PeerStore<'_> {
+    /// Runs one of the store's merges for a received document, after
+    /// checking the document carries the case's own code (anything else
+    /// would let a peer overwrite another case), and counts the conflicts
+    /// the merge introduced.
+    fn commit_with(
+        &mut self,
+        case: &CaseId,
+        doc: &Automerge,
+        merge: impl FnOnce(&mut Store) -> Result<MergeOutcome, MergeError>,
+    ) -> Result<CommitOutcome, CommitError> {
+        crate::case::validate_code(doc, case.as_str())
+            .map_err(|e| CommitError::Rejected(e.to_string()))?;
+        let conflicts_before = self
+            .store
+            .case_conflicts(case.as_str())
+            .map_err(|e| CommitError::Fault(fault(e)))?
+            .unwrap_or(0);
+        let outcome = merge(self.store).map_err(merge_error)?;
+        let conflicts_after = self
+            .store
+            .case_conflicts(case.as_str())
+            .map_err(|e| CommitError::Fault(fault(e)))?
+            .unwrap_or(0);
+        Ok(CommitOutcome {
+            changed: outcome.changed,
+            created: outcome.created,
+            new_conflicts: u32::try_from(conflicts_after - conflicts_before).unwrap_or(0),
+        })
+    }
+}
+
+fn merge_error(e: MergeError) -> CommitError {
+    match e {
+        MergeError::Rejected(reason) => CommitError::Rejected(reason),
+        MergeError::Store(e) => CommitError::Fault(fault(e)),
+    }
+}
+
 fn fault(e: StoreError) -> StoreFault {
     StoreFault(e.to_string())
 }
@@ -292,38 +331,67 @@ impl CaseStore for PeerStore<'_> {
             .map_err(fault)
     }
 
+    fn load_saved(&mut self, case: &CaseId) -> Result<Option<Vec<u8>>, StoreFault> {
+        if !self.policy.shares_code(case.as_str()) {
+            return Ok(None);
+        }
+        self.store.case_saved(case.as_str()).map_err(fault)
+    }
+
     fn commit(
         &mut self,
         case: &CaseId,
         doc: &Automerge,
         sync_state: &[u8],
     ) -> Result<CommitOutcome, CommitError> {
-        // A peer may only write a case under the code the document itself
-        // carries; anything else would let it overwrite another case.
-        crate::case::validate_code(doc, case.as_str())
-            .map_err(|e| CommitError::Rejected(e.to_string()))?;
-        let conflicts_before = self
-            .store
-            .case_conflicts(case.as_str())
-            .map_err(|e| CommitError::Fault(fault(e)))?
-            .unwrap_or(0);
-        let outcome = self
-            .store
-            .merge_remote(&self.peer_id, case.as_str(), doc, sync_state)
-            .map_err(|e| match e {
-                MergeError::Rejected(reason) => CommitError::Rejected(reason),
-                MergeError::Store(e) => CommitError::Fault(fault(e)),
-            })?;
-        let conflicts_after = self
-            .store
-            .case_conflicts(case.as_str())
-            .map_err(|e| CommitError::Fault(fault(e)))?
-            .unwrap_or(0);
-        Ok(CommitOutcome {
-            changed: outcome.changed,
-            created: outcome.created,
-            new_conflicts: u32::try_from(conflicts_after - conflicts_before).unwrap_or(0),
+        let peer = self.peer_id.clone();
+        self.commit_with(case, doc, |store| {
+            store.merge_remote(&peer, case.as_str(), doc, sync_state)
         })
+    }
+
+    fn adopt_batch(&mut self, docs: Vec<WholeDoc>) -> Result<Vec<Adopted>, (CaseId, CommitError)> {
+        // The costly part, loading and checking each document (one full
+        // view), runs on every core; the writes then go in order.
+        let prepared = par_map(&docs, |d| {
+            load_whole(&d.saved).map(|doc| {
+                let projection = crate::node::project_case(&doc, d.case.as_str());
+                (doc, projection)
+            })
+        });
+        let mut out = Vec::with_capacity(docs.len());
+        for (d, prepared) in docs.into_iter().zip(prepared) {
+            let Some((doc, projection)) = prepared else {
+                out.push(Adopted::Unusable);
+                continue;
+            };
+            let fail = |e: CommitError| (d.case.clone(), e);
+            let projection = projection.map_err(|r| fail(CommitError::Rejected(r)))?;
+            let state = whole_doc_sync_state(&doc);
+            let inserted = self
+                .store
+                .insert_whole(
+                    &self.peer_id,
+                    d.case.as_str(),
+                    &d.saved,
+                    &doc.get_heads(),
+                    &projection,
+                    &state,
+                )
+                .map_err(|e| fail(merge_error(e)))?;
+            let outcome = if inserted {
+                CommitOutcome {
+                    changed: true,
+                    created: true,
+                    new_conflicts: u32::try_from(projection.conflicts).unwrap_or(0),
+                }
+            } else {
+                // It arrived meanwhile, or our copy is damaged: merge.
+                self.commit(&d.case, &doc, &state).map_err(fail)?
+            };
+            out.push(Adopted::Stored(outcome));
+        }
+        Ok(out)
     }
 }
 

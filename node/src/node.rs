@@ -154,7 +154,26 @@ pub fn now_ms() -> i64 {
 /// references (its attachments' `(hash, size)`, deduplicated, sorted by
 /// hash), refusing documents that are not well-formed cases.
 pub fn project(doc: &Automerge) -> Result<Projection, String> {
+    case::view(doc)
+        .map(projection_of)
+        .map_err(|e| e.to_string())
+}
+
+/// [`project`] for a document that must be case `code`: one view checks
+/// both (a peer must not file one case under another's code).
+pub(crate) fn project_case(doc: &Automerge, code: &str) -> Result<Projection, String> {
     let v = case::view(doc).map_err(|e| e.to_string())?;
+    if v.code != code {
+        return Err(case::CaseError::CodeMismatch {
+            expected: code.to_string(),
+            found: v.code,
+        }
+        .to_string());
+    }
+    Ok(projection_of(v))
+}
+
+fn projection_of(v: case::CaseView) -> Projection {
     let mut blobs: Vec<crate::store::BlobRef> = v
         .attachments
         .into_iter()
@@ -165,7 +184,7 @@ pub fn project(doc: &Automerge) -> Result<Projection, String> {
         .collect();
     blobs.sort();
     blobs.dedup();
-    Ok(Projection {
+    Projection {
         procedure: v.procedure,
         status: v.status.as_str().to_string(),
         village: v.applicant.village,
@@ -174,7 +193,7 @@ pub fn project(doc: &Automerge) -> Result<Projection, String> {
         updated_at_ms: v.updated_at_ms,
         conflicts: v.conflicts.len() as i64,
         blobs,
-    })
+    }
 }
 
 /// What a failed case creation means for the caller (shared by

@@ -487,7 +487,11 @@ fn is_blob_hash(h: &str) -> bool {
 /// repeats are merged and the list is sorted by hash, the order it is read
 /// back in.
 fn project(projector: Projector, doc: &Automerge) -> Result<Projection, String> {
-    let mut p = projector(doc)?;
+    check_projection(projector(doc)?)
+}
+
+/// Normalises a projection's blob list and refuses malformed entries.
+fn check_projection(mut p: Projection) -> Result<Projection, String> {
     p.blobs.sort();
     p.blobs.dedup();
     for (i, b) in p.blobs.iter().enumerate() {
@@ -1253,6 +1257,37 @@ impl Store {
         Ok(())
     }
 
+    /// A case's stored bytes (snapshot, then its incremental chunks in
+    /// order), which `Automerge::load` reads as one document, for sending
+    /// whole to a peer. Not loaded here: the peer verifies by loading. A
+    /// case marked damaged has none.
+    pub fn case_saved(&self, code: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let row: Option<(Vec<u8>, Vec<u8>)> = self
+            .conn
+            .prepare_cached("SELECT snapshot, heads FROM cases WHERE code = ?1")
+            .and_then(|mut stmt| {
+                stmt.query_row([code], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(self.sql())?;
+        let Some((mut bytes, heads)) = row else {
+            return Ok(None);
+        };
+        if heads.is_empty() {
+            return Ok(None);
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT data FROM case_changes WHERE code = ?1 ORDER BY id")
+            .map_err(self.sql())?;
+        let mut rows = stmt.query([code]).map_err(self.sql())?;
+        while let Some(r) = rows.next().map_err(self.sql())? {
+            let chunk: Vec<u8> = r.get(0).map_err(self.sql())?;
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(Some(bytes))
+    }
+
     /// The recorded heads of a case (sorted), without loading it.
     pub fn case_heads(&self, code: &str) -> Result<Option<Vec<ChangeHash>>, StoreError> {
         let blob: Option<Vec<u8>> = self
@@ -1300,6 +1335,82 @@ impl Store {
             self.begin_batch()?;
         }
         let result = self.merge_in_savepoint(peer, code, incoming, sync_state);
+        self.finish_own_batch(own_batch, result)
+    }
+
+    /// Stores a case the peer sent whole, when it is new here: `saved`
+    /// (the bytes it was loaded from) becomes its snapshot as it is, which
+    /// spares an `Automerge::save` (compressing every column) per case on a
+    /// first sync; the heads check on every read verifies them. The caller
+    /// loaded the document and projected it with this store's projector
+    /// (in parallel, for a batch). Returns `false`, writing nothing, if the
+    /// case exists (it arrived meanwhile, or a damaged copy is here): merge
+    /// it with [`Store::merge_remote`] instead.
+    pub fn insert_whole(
+        &mut self,
+        peer: &str,
+        code: &str,
+        saved: &[u8],
+        heads: &[ChangeHash],
+        projection: &Projection,
+        sync_state: &[u8],
+    ) -> Result<bool, MergeError> {
+        validate_code(code).map_err(MergeError::Rejected)?;
+        let projection = check_projection(projection.clone()).map_err(MergeError::Rejected)?;
+        if heads.is_empty() {
+            return Err(MergeError::Rejected(format!(
+                "case {code} arrived as an empty document"
+            )));
+        }
+        let own_batch = !self.in_batch;
+        if own_batch {
+            self.begin_batch()?;
+        }
+        let result =
+            self.insert_whole_in_savepoint(peer, code, saved, heads, &projection, sync_state);
+        if own_batch {
+            match &result {
+                Ok(_) => self.end_batch()?,
+                Err(_) => self.abort_batch(),
+            }
+        }
+        result
+    }
+
+    fn insert_whole_in_savepoint(
+        &mut self,
+        peer: &str,
+        code: &str,
+        saved: &[u8],
+        heads: &[ChangeHash],
+        projection: &Projection,
+        sync_state: &[u8],
+    ) -> Result<bool, MergeError> {
+        let path = self.path.clone();
+        let sql = |e| classify(e, &path);
+        let tx = self.conn.savepoint().map_err(sql)?;
+        let exists = tx
+            .prepare_cached("SELECT 1 FROM cases WHERE code = ?1")
+            .and_then(|mut stmt| stmt.exists([code]))
+            .map_err(sql)?;
+        if exists {
+            return Ok(false);
+        }
+        let mut sorted = heads.to_vec();
+        sorted.sort();
+        insert_case(&tx, &path, code, &encode_heads(&sorted), saved, projection)?;
+        put_sync_state(&tx, &path, peer, code, sync_state)?;
+        tx.commit().map_err(sql)?;
+        Ok(true)
+    }
+
+    /// Ends the batch a merge opened for itself: commit on success, roll
+    /// back on failure.
+    fn finish_own_batch(
+        &mut self,
+        own_batch: bool,
+        result: Result<MergeOutcome, MergeError>,
+    ) -> Result<MergeOutcome, MergeError> {
         if own_batch {
             match &result {
                 Ok(_) => self.end_batch()?,

@@ -19,10 +19,14 @@
 //!    changes merged from third nodes, gets a new update sequence number),
 //!    with a digest of their heads. A reconnect where nothing changed lists
 //!    nothing: no per-case message is sent, whatever the number of cases.
-//! 3. For each listed case whose heads differ from its own (or that it
-//!    lacks), the receiver starts an Automerge sync. Offers are generated
-//!    lazily, a bounded number at a time, so neither side ever holds all
-//!    cases in memory.
+//! 3. For each listed case it lacks, the receiver asks for the whole
+//!    document ([`Message::Want`], batched); the lister answers with its
+//!    saved bytes ([`Message::CaseDoc`]), one message per case and no
+//!    Automerge sync state. For each listed case whose heads differ from
+//!    its own, the receiver starts an Automerge sync. Requests, documents
+//!    and offers are generated lazily, a bounded number at a time, so
+//!    neither side ever holds all cases in memory. (With a version-1 peer,
+//!    lacking cases are synced with Automerge too.)
 //! 4. Automerge sync messages flow per case until neither side has more.
 //!    A side that has listed everything, received the whole listing and
 //!    has nothing to send says [`Message::Idle`] with its counts of data
@@ -40,13 +44,33 @@ use automerge::sync::{Message as AmMessage, State as AmState, SyncDoc};
 use automerge::{Automerge, ChangeHash};
 use thiserror::Error;
 
+use crate::frame::FRAME_BYTES_MAX;
 use crate::frame::{encode_frame, FrameDecoder, FrameError};
 use crate::inventory::heads_hash;
-use crate::store::{CaseStore, CommitError, StoreFault};
+use crate::store::{Adopted, CaseStore, CommitError, StoreFault, WholeDoc};
 use crate::wire::{
     CaseId, ChangesEnd, DecodeError, Goodbye, GoodbyeCode, HeadsHash, Hello, Message, StoreId,
-    CHANGES_ENTRIES_MAX, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
+    CHANGES_ENTRIES_MAX, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, WANT_CASES_MAX,
 };
+
+/// First protocol version with whole-document transfer.
+const WHOLE_DOCS_VERSION: u16 = 2;
+
+/// Largest saved document sent whole: what fits in one frame with its
+/// case id and lengths. A larger case is synced with Automerge instead.
+const CASE_DOC_BYTES_MAX: usize = FRAME_BYTES_MAX - 128;
+
+/// Cases received whole that are committed together (in one call to the
+/// store, which may check them in parallel).
+const DOCS_BATCH_MAX: usize = 256;
+
+/// Bytes of cases received whole held before they are committed.
+const DOCS_BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Whole documents requested and not yet received. More requests wait, so
+/// the peer's queue of documents to send us stays bounded by what we
+/// asked, and so does ours.
+pub const WANTS_IN_FLIGHT_MAX: usize = 2 * WANT_CASES_MAX;
 
 /// Most cases one session may queue offers for (the peer's listing of cases
 /// that differ). A case id costs about 150 bytes here, so a listing without
@@ -144,6 +168,10 @@ pub struct SessionStats {
     pub case_messages_sent: u64,
     /// Per-case sync messages we received.
     pub case_messages_received: u64,
+    /// Cases received as whole documents (a subset of `cases_received`).
+    pub whole_docs_received: u64,
+    /// Cases sent as whole documents.
+    pub whole_docs_sent: u64,
     /// Frames we sent, of any kind.
     pub frames_sent: u64,
     /// Frames we received, of any kind.
@@ -255,6 +283,8 @@ impl SessionError {
 pub struct Session {
     config: SessionConfig,
     phase: Phase,
+    /// The protocol version agreed with the peer (0 before its hello).
+    version: u16,
     live: bool,
     decoder: FrameDecoder,
     outbox: VecDeque<Vec<u8>>,
@@ -277,6 +307,18 @@ pub struct Session {
     to_offer: VecDeque<CaseId>,
     /// The same cases, to avoid queueing one twice.
     queued: BTreeSet<CaseId>,
+    /// Cases we lack, to request whole, in listing order.
+    to_want: VecDeque<CaseId>,
+    /// Cases in `to_want` or requested and not yet received.
+    wanted: BTreeSet<CaseId>,
+    /// How many of `wanted` were requested (sent in a [`Message::Want`]).
+    wants_in_flight: usize,
+    /// Cases the peer asked for whole, to send in order.
+    peer_wants: VecDeque<CaseId>,
+    /// Cases received whole, not yet committed (see [`Session::flush_docs`]).
+    docs: Vec<WholeDoc>,
+    /// Their saved bytes.
+    docs_bytes: usize,
     /// Cases with an exchange in progress (see [`OFFERS_IN_FLIGHT_MAX`]).
     in_flight: BTreeSet<CaseId>,
     /// Automerge sync state per case touched in this session.
@@ -306,6 +348,7 @@ impl Session {
         Session {
             config,
             phase: Phase::Hello,
+            version: 0,
             live,
             decoder: FrameDecoder::new(),
             outbox: VecDeque::new(),
@@ -318,6 +361,12 @@ impl Session {
             cursor_saved: false,
             to_offer: VecDeque::new(),
             queued: BTreeSet::new(),
+            to_want: VecDeque::new(),
+            wanted: BTreeSet::new(),
+            wants_in_flight: 0,
+            peer_wants: VecDeque::new(),
+            docs: Vec::new(),
+            docs_bytes: 0,
             in_flight: BTreeSet::new(),
             states: BTreeMap::new(),
             persisted_shared: BTreeMap::new(),
@@ -438,10 +487,16 @@ impl Session {
         !self.outbox.is_empty()
     }
 
-    /// True while listing batches or case offers are still to be generated.
+    /// True while listing batches, requests, documents or case offers can
+    /// be generated now. Requests and offers held back by their in-flight
+    /// bounds do not count: a transport that waited for send room on their
+    /// account would spin, filling nothing, until the peer answers.
     pub fn has_backlog(&self) -> bool {
         self.phase == Phase::Sync
-            && ((self.list_after.is_some() && !self.list_done) || !self.to_offer.is_empty())
+            && ((self.list_after.is_some() && !self.list_done)
+                || !self.peer_wants.is_empty()
+                || (!self.to_want.is_empty() && self.wants_in_flight < WANTS_IN_FLIGHT_MAX)
+                || (!self.to_offer.is_empty() && self.in_flight.len() < OFFERS_IN_FLIGHT_MAX))
     }
 
     /// The next event for the caller.
@@ -480,7 +535,13 @@ impl Session {
     }
 
     fn send(&mut self, msg: Message) {
-        if matches!(msg, Message::Changes { .. } | Message::CaseSync { .. }) {
+        if matches!(
+            msg,
+            Message::Changes { .. }
+                | Message::CaseSync { .. }
+                | Message::Want { .. }
+                | Message::CaseDoc { .. }
+        ) {
             self.data_sent += 1;
         }
         self.stats.frames_sent += 1;
@@ -494,11 +555,15 @@ impl Session {
             self.stats.frames_received += 1;
             self.stats.bytes_received += (payload.len() + crate::frame::FRAME_HEADER_BYTES) as u64;
             let msg = Message::decode(&payload)?;
+            if !matches!(msg, Message::CaseDoc { .. }) {
+                self.flush_docs(store)?;
+            }
             self.handle_message(msg, store)?;
             if self.is_closed() {
                 return Ok(());
             }
         }
+        self.flush_docs(store)?;
         self.fill_inner(store)?;
         self.after_input(store)
     }
@@ -522,6 +587,16 @@ impl Session {
             (Phase::Sync, Message::CaseSync { case, data }) => {
                 self.data_received += 1;
                 self.on_case_sync(case, data, store)
+            }
+            (Phase::Sync, Message::Want { cases }) if self.version >= WHOLE_DOCS_VERSION => {
+                self.data_received += 1;
+                self.on_want(cases)
+            }
+            (Phase::Sync, Message::CaseDoc { case, data })
+                if self.version >= WHOLE_DOCS_VERSION =>
+            {
+                self.data_received += 1;
+                self.on_case_doc(case, data, store)
             }
             (Phase::Sync, Message::Idle { received, sent }) => self.on_idle(received, sent),
             (Phase::Sync, Message::BlobsDone) if self.peer_blobs_done => {
@@ -577,6 +652,7 @@ impl Session {
             });
         }
         self.live = self.config.live || h.live;
+        self.version = high;
         self.events.push_back(Event::Connected {
             version: high,
             live: self.live,
@@ -622,15 +698,125 @@ impl Session {
             ));
         }
         for (case, hash) in entries {
-            let differs = match store.heads(&case)? {
-                Some(ours) => heads_hash(&ours) != hash,
-                None => true,
-            };
-            if differs {
-                self.queue_offer(case)?;
+            match store.heads(&case)? {
+                Some(ours) if heads_hash(&ours) == hash => {}
+                Some(_) => self.queue_offer(case)?,
+                None if self.version >= WHOLE_DOCS_VERSION => self.queue_want(case)?,
+                None => self.queue_offer(case)?,
             }
         }
         self.peer_end = end;
+        Ok(())
+    }
+
+    /// Counts cases this session holds in a queue against
+    /// [`ACTIVE_CASES_MAX`].
+    fn check_active(&self) -> Result<(), SessionError> {
+        if self.queued.len() + self.wanted.len() >= ACTIVE_CASES_MAX {
+            return Err(SessionError::Protocol(format!(
+                "session would touch more than {ACTIVE_CASES_MAX} cases"
+            )));
+        }
+        Ok(())
+    }
+
+    fn queue_want(&mut self, case: CaseId) -> Result<(), SessionError> {
+        if self.wanted.contains(&case) || self.queued.contains(&case) {
+            return Ok(());
+        }
+        self.check_active()?;
+        self.wanted.insert(case.clone());
+        self.to_want.push_back(case);
+        Ok(())
+    }
+
+    /// The peer lacks these cases: queue their documents.
+    fn on_want(&mut self, cases: Vec<CaseId>) -> Result<(), SessionError> {
+        if self.peer_wants.len() + cases.len() > ACTIVE_CASES_MAX {
+            return Err(SessionError::Protocol(format!(
+                "peer wants more than {ACTIVE_CASES_MAX} cases at once"
+            )));
+        }
+        self.peer_wants.extend(cases);
+        Ok(())
+    }
+
+    /// A case we asked for arrived whole. It waits in a batch, committed
+    /// (see [`Session::flush_docs`]) before any other message is handled
+    /// and before anything is said to the peer.
+    fn on_case_doc(
+        &mut self,
+        case: CaseId,
+        data: Vec<u8>,
+        store: &mut dyn CaseStore,
+    ) -> Result<(), SessionError> {
+        if !self.wanted.remove(&case) {
+            return Err(SessionError::Protocol(format!(
+                "peer sent case {case} whole without being asked"
+            )));
+        }
+        // Every document answers a request we counted; a dishonest peer's
+        // extra answers were refused above, so this never underflows.
+        self.wants_in_flight = self.wants_in_flight.saturating_sub(1);
+        self.stats.case_messages_received += 1;
+        self.docs_bytes += data.len();
+        self.docs.push(WholeDoc { case, saved: data });
+        if self.docs.len() >= DOCS_BATCH_MAX || self.docs_bytes >= DOCS_BATCH_BYTES_MAX {
+            self.flush_docs(store)?;
+        }
+        Ok(())
+    }
+
+    /// Commits the batch of cases received whole. Each is stored with a
+    /// sync state that records both sides at its heads, so the next
+    /// exchange for it starts from there. A document that is not usable
+    /// (the sender's copy is damaged, or it sent nothing) is synced with
+    /// Automerge instead, which finds damage on the side that has it.
+    fn flush_docs(&mut self, store: &mut dyn CaseStore) -> Result<(), SessionError> {
+        if self.docs.is_empty() {
+            return Ok(());
+        }
+        self.docs_bytes = 0;
+        let docs = std::mem::take(&mut self.docs);
+        let cases: Vec<CaseId> = docs.iter().map(|d| d.case.clone()).collect();
+        let adopted = store.adopt_batch(docs).map_err(|(case, e)| match e {
+            CommitError::Rejected(reason) => SessionError::Rejected { case, reason },
+            CommitError::Fault(f) => SessionError::Local(f),
+        })?;
+        for (case, adopted) in cases.into_iter().zip(adopted) {
+            match adopted {
+                Adopted::Unusable => self.queue_offer(case)?,
+                Adopted::Stored(outcome) => {
+                    self.stats.whole_docs_received += 1;
+                    if outcome.changed {
+                        self.stats.cases_received.insert(case.clone());
+                        self.stats.new_conflicts += u64::from(outcome.new_conflicts);
+                    }
+                    if outcome.created {
+                        self.stats.cases_created.insert(case);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one case the peer asked for, whole if it fits in a frame.
+    fn send_case_doc(
+        &mut self,
+        case: CaseId,
+        store: &mut dyn CaseStore,
+    ) -> Result<(), SessionError> {
+        let data = match store.load_saved(&case)? {
+            Some(bytes) if bytes.len() <= CASE_DOC_BYTES_MAX => {
+                self.stats.whole_docs_sent += 1;
+                self.stats.cases_sent.insert(case.clone());
+                bytes
+            }
+            _ => Vec::new(),
+        };
+        self.stats.case_messages_sent += 1;
+        self.send(Message::CaseDoc { case, data });
         Ok(())
     }
 
@@ -638,7 +824,7 @@ impl Session {
         if self.queued.contains(&case) {
             return Ok(());
         }
-        if self.queued.len() >= ACTIVE_CASES_MAX {
+        if self.queued.len() + self.wanted.len() >= ACTIVE_CASES_MAX {
             return Err(SessionError::Protocol(format!(
                 "session would touch more than {ACTIVE_CASES_MAX} cases"
             )));
@@ -669,6 +855,18 @@ impl Session {
                         upto: self.list_upto,
                     }),
                 });
+                continue;
+            }
+            if !self.to_want.is_empty() && self.wants_in_flight < WANTS_IN_FLIGHT_MAX {
+                let room = (WANTS_IN_FLIGHT_MAX - self.wants_in_flight).min(WANT_CASES_MAX);
+                let n = room.min(self.to_want.len());
+                let cases: Vec<CaseId> = self.to_want.drain(..n).collect();
+                self.wants_in_flight += n;
+                self.send(Message::Want { cases });
+                continue;
+            }
+            if let Some(case) = self.peer_wants.pop_front() {
+                self.send_case_doc(case, store)?;
                 continue;
             }
             if self.in_flight.len() >= OFFERS_IN_FLIGHT_MAX {
@@ -815,6 +1013,8 @@ impl Session {
             || !self.list_done
             || self.peer_end.is_none()
             || !self.to_offer.is_empty()
+            || !self.to_want.is_empty()
+            || !self.peer_wants.is_empty()
         {
             return Ok(());
         }
@@ -827,6 +1027,14 @@ impl Session {
             });
         }
         let converged = self.peer_idle == Some((self.data_sent, self.data_received));
+        if converged && !self.wanted.is_empty() {
+            // The peer says it processed all our requests, yet some case
+            // we asked for never came: storing its cursor would skip it.
+            return Err(SessionError::Protocol(format!(
+                "peer left {} requested cases unanswered",
+                self.wanted.len()
+            )));
+        }
         if converged && !self.cursor_saved {
             if let Some(end) = &self.peer_end {
                 store.save_peer_cursor(end.store_id, end.upto)?;

@@ -39,6 +39,50 @@ pub struct CommitOutcome {
     pub new_conflicts: u32,
 }
 
+/// A case the peer sent whole (see [`CaseStore::adopt_batch`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WholeDoc {
+    /// The case.
+    pub case: CaseId,
+    /// Its saved bytes, as received.
+    pub saved: Vec<u8>,
+}
+
+/// What became of one [`WholeDoc`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Adopted {
+    /// Committed.
+    Stored(CommitOutcome),
+    /// Not a usable document; nothing was written. The session falls back
+    /// to an Automerge exchange for the case.
+    Unusable,
+}
+
+/// Loads a document received whole, or `None` if it is not usable: it
+/// does not load, is empty, or holds changes whose dependencies are
+/// missing (those would load into Automerge's queue, be stored with the
+/// bytes and never apply).
+pub fn load_whole(saved: &[u8]) -> Option<Automerge> {
+    if saved.is_empty() {
+        return None;
+    }
+    let doc = Automerge::load(saved).ok()?;
+    let usable =
+        !doc.get_heads().is_empty() && automerge::ReadDoc::get_missing_deps(&doc, &[]).is_empty();
+    usable.then_some(doc)
+}
+
+/// The Automerge sync state stored with a case received whole: both sides
+/// hold its heads, so the next exchange for the case starts from there
+/// instead of from nothing.
+pub fn whole_doc_sync_state(doc: &Automerge) -> Vec<u8> {
+    let mut state = automerge::sync::State::new();
+    let mut heads = doc.get_heads();
+    heads.sort();
+    state.shared_heads = heads;
+    state.encode()
+}
+
 /// One entry of a change listing: a case and its heads, with the local
 /// update sequence number at which it last changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,6 +132,40 @@ pub trait CaseStore {
     fn load_sync_state(&mut self, case: &CaseId) -> Result<Option<Vec<u8>>, StoreFault>;
     /// Persists the sync state when it moved without new data arriving.
     fn save_sync_state(&mut self, case: &CaseId, state: &[u8]) -> Result<(), StoreFault>;
+    /// The case's stored bytes, to send whole to a peer that lacks it
+    /// (`Automerge::load` must accept them). `None` if absent or not
+    /// shared with this peer. A store may return its bytes without loading
+    /// them: the receiver verifies by loading, and bytes that do not load
+    /// make it fall back to an Automerge exchange, whose [`CaseStore::load`]
+    /// here then finds the damage.
+    fn load_saved(&mut self, case: &CaseId) -> Result<Option<Vec<u8>>, StoreFault> {
+        Ok(self.load(case)?.map(|doc| doc.save()))
+    }
+    /// Durably stores cases received whole, in order, each with the sync
+    /// state [`whole_doc_sync_state`] gives. Bytes that are not a usable
+    /// document ([`load_whole`]) are reported [`Adopted::Unusable`] and
+    /// nothing is written for them. Same contract as
+    /// [`CaseStore::commit`] otherwise; a case that arrived meanwhile from
+    /// another peer is merged. The first refusal or failure ends the batch
+    /// (what was stored before it stays: each case is valid on its own).
+    ///
+    /// A batch, so a store can load and check the documents in parallel
+    /// (the costly part of a first sync) and keep the saved bytes as they
+    /// are instead of saving each document again.
+    fn adopt_batch(&mut self, docs: Vec<WholeDoc>) -> Result<Vec<Adopted>, (CaseId, CommitError)> {
+        let mut out = Vec::with_capacity(docs.len());
+        for d in docs {
+            let adopted = match load_whole(&d.saved) {
+                None => Adopted::Unusable,
+                Some(doc) => Adopted::Stored(
+                    self.commit(&d.case, &doc, &whole_doc_sync_state(&doc))
+                        .map_err(|e| (d.case.clone(), e))?,
+                ),
+            };
+            out.push(adopted);
+        }
+        Ok(out)
+    }
     /// Durably merges `doc` (which holds the received changes) into the
     /// stored case and saves `sync_state` in the same transaction, so the
     /// sync marker never runs ahead of the data it covers. Returns only

@@ -17,8 +17,11 @@ use thiserror::Error;
 /// program on our port) is recognised at once.
 pub const HELLO_MAGIC: [u8; 4] = *b"FCSY";
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks. Version 2 added whole-document
+/// transfer ([`Message::Want`], [`Message::CaseDoc`]) for cases the
+/// receiver lacks; with a version-1 peer the session falls back to a
+/// per-case Automerge exchange for those too.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Oldest protocol version this build still speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
@@ -30,6 +33,10 @@ pub const CASE_ID_BYTES_MAX: usize = 64;
 /// Most entries in one [`Message::Changes`], so one message stays well
 /// below the frame limit (64 + 16 + 2 bytes per entry).
 pub const CHANGES_ENTRIES_MAX: usize = 4096;
+
+/// Most cases in one [`Message::Want`] (at most 66 bytes each, so one
+/// message stays well below the frame limit).
+pub const WANT_CASES_MAX: usize = 4096;
 
 /// Length of a store identifier (see [`Message::Since`]).
 pub const STORE_ID_BYTES: usize = 16;
@@ -177,11 +184,32 @@ pub enum Message {
         /// The encoded `automerge::sync::Message`.
         data: Vec<u8>,
     },
+    /// "I lack these cases you listed; send each one whole." Answered by one
+    /// [`Message::CaseDoc`] per case, in order. Sending a saved document
+    /// costs one message and no Automerge sync state on either side, where
+    /// a sync exchange from an empty document costs three messages and two
+    /// document loads on the sender (protocol version 2).
+    Want {
+        /// The cases wanted, at most [`WANT_CASES_MAX`].
+        cases: Vec<CaseId>,
+    },
+    /// A whole saved Automerge document, answering [`Message::Want`]. Empty
+    /// `data` means "not as a whole document": the receiver falls back to
+    /// an Automerge sync exchange for the case (the sender no longer shares
+    /// it, its copy is damaged, or it is too large for one frame).
+    CaseDoc {
+        /// Which case.
+        case: CaseId,
+        /// The saved document (`Automerge::save` format, possibly followed
+        /// by incremental chunks), or nothing.
+        data: Vec<u8>,
+    },
     /// "I have processed everything you sent and have nothing to send."
     /// The counts let both sides agree that the session is quiescent even
     /// though messages cross in flight.
     Idle {
-        /// Data messages (Changes, CaseSync) the sender has received.
+        /// Data messages (Changes, CaseSync, Want, CaseDoc) the sender
+        /// has received.
         received: u64,
         /// Data messages the sender has sent.
         sent: u64,
@@ -226,6 +254,8 @@ const TAG_BLOBS_DONE: u8 = 7;
 const TAG_BLOB_REQUEST: u8 = 8;
 const TAG_BLOB_HEADER: u8 = 9;
 const TAG_BLOB_UNAVAILABLE: u8 = 10;
+const TAG_WANT: u8 = 11;
+const TAG_CASE_DOC: u8 = 12;
 
 /// Why a frame payload is not a valid message.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -299,6 +329,18 @@ impl Message {
             }
             Message::CaseSync { case, data } => {
                 w.push(TAG_CASE_SYNC);
+                put_bytes(&mut w, case.as_str().as_bytes());
+                put_bytes(&mut w, data);
+            }
+            Message::Want { cases } => {
+                w.push(TAG_WANT);
+                put_varint(&mut w, cases.len() as u64);
+                for id in cases {
+                    put_bytes(&mut w, id.as_str().as_bytes());
+                }
+            }
+            Message::CaseDoc { case, data } => {
+                w.push(TAG_CASE_DOC);
                 put_bytes(&mut w, case.as_str().as_bytes());
                 put_bytes(&mut w, data);
             }
@@ -398,6 +440,30 @@ impl Message {
                 let data = r.bytes()?.to_vec();
                 Message::CaseSync { case, data }
             }
+            TAG_WANT => {
+                let n = r.varint()?;
+                if n > WANT_CASES_MAX as u64 {
+                    return Err(DecodeError::OverLimit {
+                        what: "wanted cases",
+                        limit: WANT_CASES_MAX,
+                    });
+                }
+                // Each id is at least 2 bytes, so `n` is also bounded by the
+                // payload size before we allocate.
+                if (n as usize) * 2 > r.buf.len() {
+                    return Err(DecodeError::Truncated);
+                }
+                let mut cases = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    cases.push(r.case_id()?);
+                }
+                Message::Want { cases }
+            }
+            TAG_CASE_DOC => {
+                let case = r.case_id()?;
+                let data = r.bytes()?.to_vec();
+                Message::CaseDoc { case, data }
+            }
             TAG_IDLE => Message::Idle {
                 received: r.varint()?,
                 sent: r.varint()?,
@@ -458,6 +524,8 @@ impl Message {
             Message::Since { .. } => "since",
             Message::Changes { .. } => "changes",
             Message::CaseSync { .. } => "case-sync",
+            Message::Want { .. } => "want",
+            Message::CaseDoc { .. } => "case-doc",
             Message::Idle { .. } => "idle",
             Message::Goodbye(_) => "goodbye",
             Message::BlobsDone => "blobs-done",

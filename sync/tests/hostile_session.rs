@@ -5,7 +5,7 @@
 use fieldcase_sync::frame::encode_frame;
 use fieldcase_sync::memory::MemoryNode;
 use fieldcase_sync::wire::{ChangesEnd, Hello, Message, PROTOCOL_VERSION};
-use fieldcase_sync::{Phase, Session, SessionConfig, SessionError};
+use fieldcase_sync::{CaseId, Phase, Session, SessionConfig, SessionError};
 
 fn frames(msgs: &[Message]) -> Vec<u8> {
     msgs.iter()
@@ -92,4 +92,103 @@ fn blobs_done_twice_is_a_protocol_error() {
         .handle_bytes(&done, &mut node.for_peer("peer"))
         .unwrap_err();
     assert!(matches!(&err, SessionError::Protocol(r) if r.contains("BlobsDone twice")));
+}
+
+/// A session over an empty node whose peer listed `CEN-1`, which the node
+/// lacks; the node has asked for it whole.
+fn asked_for_cen_1(node: &mut MemoryNode) -> Session {
+    let mut s = Session::new(SessionConfig::default());
+    s.start(&mut node.for_peer("peer")).unwrap();
+    let bytes = frames(&[
+        Message::Hello(Hello {
+            version_min: PROTOCOL_VERSION,
+            version_max: PROTOCOL_VERSION,
+            live: false,
+        }),
+        Message::Since {
+            store_id: [9; 16],
+            seq: 0,
+        },
+        Message::Changes {
+            entries: vec![(CaseId::new("CEN-1").unwrap(), [3; 16])],
+            end: Some(ChangesEnd {
+                store_id: [9; 16],
+                upto: 1,
+            }),
+        },
+    ]);
+    s.handle_bytes(&bytes, &mut node.for_peer("peer")).unwrap();
+    let sent: Vec<Message> = std::iter::from_fn(|| s.poll_transmit())
+        .map(|f| Message::decode(&f[4..]).unwrap())
+        .collect();
+    assert!(
+        sent.iter()
+            .any(|m| matches!(m, Message::Want { cases } if cases.len() == 1)),
+        "{sent:?}"
+    );
+    s
+}
+
+#[test]
+fn a_whole_case_nobody_asked_for_is_a_protocol_error() {
+    let mut node = MemoryNode::default();
+    let mut s = asked_for_cen_1(&mut node);
+    let err = s
+        .handle_bytes(
+            &frames(&[Message::CaseDoc {
+                case: CaseId::new("OTHER-1").unwrap(),
+                data: vec![1, 2, 3],
+            }]),
+            &mut node.for_peer("peer"),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, SessionError::Protocol(r) if r.contains("without being asked")),
+        "{err}"
+    );
+    assert!(node.docs.is_empty());
+}
+
+#[test]
+fn garbage_instead_of_a_whole_case_falls_back_to_an_automerge_exchange() {
+    let mut node = MemoryNode::default();
+    let mut s = asked_for_cen_1(&mut node);
+    s.handle_bytes(
+        &frames(&[Message::CaseDoc {
+            case: CaseId::new("CEN-1").unwrap(),
+            data: b"not an automerge document".to_vec(),
+        }]),
+        &mut node.for_peer("peer"),
+    )
+    .unwrap();
+    assert!(node.docs.is_empty(), "nothing corrupt is stored");
+    let sent: Vec<Message> = std::iter::from_fn(|| s.poll_transmit())
+        .map(|f| Message::decode(&f[4..]).unwrap())
+        .collect();
+    assert!(
+        sent.iter()
+            .any(|m| matches!(m, Message::CaseSync { case, .. } if case.as_str() == "CEN-1")),
+        "the case is offered the usual way instead: {sent:?}"
+    );
+}
+
+#[test]
+fn a_peer_that_claims_to_be_done_without_sending_a_requested_case_is_caught() {
+    let mut node = MemoryNode::default();
+    let mut s = asked_for_cen_1(&mut node);
+    // It received our request (2 data messages: ... our listing and the
+    // Want) and claims it sent only its listing: the case never came.
+    let err = s
+        .handle_bytes(
+            &frames(&[Message::Idle {
+                received: 2,
+                sent: 1,
+            }]),
+            &mut node.for_peer("peer"),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, SessionError::Protocol(r) if r.contains("unanswered")),
+        "{err}"
+    );
 }

@@ -4,7 +4,7 @@
 use automerge::transaction::Transactable;
 use automerge::{ActorId, Automerge, ReadDoc, ROOT};
 use fieldcase_sync::memory::MemoryNode;
-use fieldcase_sync::wire::{GoodbyeCode, Message};
+use fieldcase_sync::wire::{GoodbyeCode, Message, PROTOCOL_VERSION};
 use fieldcase_sync::{CaseId, Event, Phase, Session, SessionConfig, SessionError};
 
 /// Upper bound on delivery rounds; a session that needs more is a
@@ -404,7 +404,7 @@ fn a_one_shot_session_waits_until_both_sides_fetched_their_attachments() {
     assert_eq!(
         l.poll_event(),
         Some(Event::Connected {
-            version: 1,
+            version: PROTOCOL_VERSION,
             live: false
         })
     );
@@ -422,4 +422,77 @@ fn a_one_shot_session_waits_until_both_sides_fetched_their_attachments() {
         .unwrap();
     pump((&mut l, &mut laptop), (&mut c, &mut center), usize::MAX).unwrap();
     assert!(l.is_finished() && c.is_finished());
+}
+
+#[test]
+fn a_fresh_laptop_receives_each_missing_case_whole_in_one_message() {
+    let mut laptop = MemoryNode::default();
+    let mut center = MemoryNode::default();
+    for n in 0..40u8 {
+        let code = format!("CEN-{n}");
+        center
+            .docs
+            .insert(id(&code), new_case(2, &code, &format!("09{n:02}")));
+        edit(&mut center, 2, &code, "status", "received");
+    }
+    let (l, c) = sync_once(&mut laptop, &mut center);
+    assert_eq!(laptop.docs.len(), 40);
+    for (code, doc) in &center.docs {
+        assert_eq!(laptop.docs[code].get_heads(), doc.get_heads(), "{code}");
+    }
+    // One document per case, no Automerge exchange: the laptop sent only
+    // its requests, and stored a sync state at each case's heads.
+    assert_eq!(l.stats().whole_docs_received, 40);
+    assert_eq!(c.stats().whole_docs_sent, 40);
+    assert_eq!(l.stats().case_messages_received, 40);
+    assert_eq!(l.stats().case_messages_sent, 0);
+    assert_eq!(l.stats().cases_created.len(), 40);
+    assert_eq!(laptop.sync_states.len(), 40);
+
+    // The next edit of one of them is one small Automerge exchange from
+    // the stored state, not a re-send of the document.
+    edit(&mut center, 2, "CEN-7", "status", "processing");
+    let (l, _) = sync_once(&mut laptop, &mut center);
+    assert_eq!(
+        get(&laptop, "CEN-7", "status").as_deref(),
+        Some("processing")
+    );
+    assert_eq!(l.stats().whole_docs_received, 0);
+    assert_eq!(l.stats().cases_received.len(), 1);
+}
+
+#[test]
+fn a_laptop_speaking_protocol_1_still_gets_every_case_through_automerge() {
+    let mut laptop = MemoryNode::default();
+    let mut center = MemoryNode::default();
+    for code in ["CEN-1", "CEN-2"] {
+        center.docs.insert(id(code), new_case(2, code, "0911"));
+    }
+    laptop
+        .docs
+        .insert(id("LAP-1"), new_case(1, "LAP-1", "0901"));
+    let old = SessionConfig {
+        version_min: 1,
+        version_max: 1,
+        ..SessionConfig::default()
+    };
+    let mut l = start(&mut laptop, "right", old);
+    let mut c = start(&mut center, "left", SessionConfig::default());
+    pump((&mut l, &mut laptop), (&mut c, &mut center), usize::MAX).unwrap();
+    assert!(l.is_finished() && c.is_finished());
+    assert_eq!(
+        l.poll_event(),
+        Some(Event::Connected {
+            version: 1,
+            live: false
+        })
+    );
+    for code in ["CEN-1", "CEN-2", "LAP-1"] {
+        assert_eq!(
+            laptop.docs[&id(code)].get_heads(),
+            center.docs[&id(code)].get_heads(),
+            "{code} converged"
+        );
+    }
+    assert_eq!(c.stats().whole_docs_sent + l.stats().whole_docs_sent, 0);
 }

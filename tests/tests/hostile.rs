@@ -16,7 +16,9 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use fieldcase_node::identity::{self, Identity};
 use fieldcase_node::net::{CLOSE_MISBEHAVED, CLOSE_UNTRUSTED};
 use fieldcase_sync::frame::{encode_frame, FrameDecoder};
-use fieldcase_sync::wire::{Goodbye, GoodbyeCode, Hello, Message, PROTOCOL_VERSION};
+use fieldcase_sync::wire::{
+    Goodbye, GoodbyeCode, Hello, Message, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
+};
 use fieldcase_sync::CaseId;
 use fieldcase_tests::{seeded_rng, Node, Server, Snapshot};
 use rand::RngExt;
@@ -349,7 +351,7 @@ fn a_client_speaking_only_version_99_is_told_both_version_ranges() -> Result<()>
     ensure!(
         g.reason.contains("99..=99")
             && g.reason
-                .contains(&format!("{PROTOCOL_VERSION}..={PROTOCOL_VERSION}")),
+                .contains(&format!("{PROTOCOL_VERSION_MIN}..={PROTOCOL_VERSION}")),
         "the reason should name both ranges: {}",
         g.reason
     );

@@ -440,6 +440,9 @@ fn bad_changes_inside_well_formed_case_syncs_are_refused_and_nothing_is_committe
 
     // 1. A brand-new case whose change bytes are damaged in flight: the
     //    case sync frame and the Automerge message around it are fine.
+    //    The center asks for the new case whole first; the damaged
+    //    document does not load, so it falls back to an Automerge
+    //    exchange, whose damaged change is refused.
     let mut node = copy_of(&copy);
     let fresh = CaseId::new("EVIL00-000001")?;
     node.docs.insert(
@@ -457,6 +460,13 @@ fn bad_changes_inside_well_formed_case_syncs_are_refused_and_nothing_is_committe
                 }
                 damaged += 1;
                 vec![Message::CaseSync { case, data }]
+            }
+            Message::CaseDoc { case, mut data } if data.len() > 200 => {
+                let at = data.len() - 40;
+                for b in &mut data[at..at + 8] {
+                    *b ^= 0x5A;
+                }
+                vec![Message::CaseDoc { case, data }]
             }
             m => vec![m],
         }

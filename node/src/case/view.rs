@@ -502,14 +502,33 @@ fn conflicts(
     let applicant = child_obj(doc, &ROOT, doc::K_APPLICANT, ObjType::Map)?;
     let fields = child_obj(doc, &ROOT, doc::K_FIELDS, ObjType::Map)?;
     let checklist = child_obj(doc, &ROOT, doc::K_CHECKLIST, ObjType::Map)?;
+    // One pass over each map finds the conflicted keys; a `get_all` per
+    // target would seek each key separately (a linear scan of the map's
+    // ops in automerge 0.12), which made this the costliest part of
+    // storing a case received in a first sync.
+    let conflicted_keys = |obj: &ObjId| -> std::collections::BTreeSet<String> {
+        doc.map_range(obj, ..)
+            .filter(|item| item.conflict)
+            .map(|item| item.key.into_owned())
+            .collect()
+    };
+    let (c_applicant, c_root, c_fields, c_checklist) = (
+        conflicted_keys(&applicant),
+        conflicted_keys(&ROOT),
+        conflicted_keys(&fields),
+        conflicted_keys(&checklist),
+    );
     let mut out = Vec::new();
     for t in all_targets(proc) {
-        let (obj, key): (&ObjId, &str) = match t {
-            Target::Applicant(_, key) => (&applicant, key),
-            Target::Assignee => (&ROOT, doc::K_ASSIGNEE),
-            Target::Field(f) => (&fields, f.id),
-            Target::Doc(i) => (&checklist, i.id),
+        let (obj, key, conflicted): (&ObjId, &str, _) = match t {
+            Target::Applicant(_, key) => (&applicant, key, &c_applicant),
+            Target::Assignee => (&ROOT, doc::K_ASSIGNEE, &c_root),
+            Target::Field(f) => (&fields, f.id, &c_fields),
+            Target::Doc(i) => (&checklist, i.id, &c_checklist),
         };
+        if !conflicted.contains(key) {
+            continue;
+        }
         let all = doc.get_all(obj, key)?;
         if all.len() < 2 {
             continue;
