@@ -65,8 +65,10 @@ pub const CLOSE_LINGER_MS: u64 = 20;
 pub const FINISH_TIMEOUT_MS: u64 = 10_000;
 
 /// Largest chunk read from a stream at once; frames larger than this simply
-/// arrive in several reads.
-const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// arrive in several reads. Everything one read brings is committed in one
+/// transaction (one fsync) and its whole cases are checked in parallel, so
+/// a read may take as much as the stream has buffered.
+const READ_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// Backoff bounds for `sync --watch` while the peer is unreachable.
 pub const BACKOFF_MIN_MS: u64 = 500;
@@ -331,6 +333,16 @@ impl CaseStore for PeerStore<'_> {
             .map_err(fault)
     }
 
+    fn listed_upto(&mut self) -> Result<Option<u64>, StoreFault> {
+        self.store.listed_upto(&self.peer_id).map_err(fault)
+    }
+
+    fn save_listed_upto(&mut self, upto: Option<u64>) -> Result<(), StoreFault> {
+        self.store
+            .save_listed_upto(&self.peer_id, upto)
+            .map_err(fault)
+    }
+
     fn load_saved(&mut self, case: &CaseId) -> Result<Option<Vec<u8>>, StoreFault> {
         if !self.policy.shares_code(case.as_str()) {
             return Ok(None);
@@ -515,6 +527,10 @@ async fn drive(
     )));
     let mut fetch: Option<tokio::task::JoinHandle<FetchReport>> = None;
     let mut refetch = false;
+    // Per-case messages received when the running (or last) fetch
+    // started: a new convergence needs another fetch only if records
+    // arrived since.
+    let mut fetched_at_received: Option<u64> = None;
     let mut blob_totals = FetchReport::default();
     let mut session = Session::new(config);
     let started = blocking(|| session.start(&mut PeerStore::new(store, peer)));
@@ -709,9 +725,15 @@ async fn drive(
         while let Some(event) = session.poll_event() {
             match event {
                 Event::Connected { live: l, .. } => live = l,
-                Event::Quiescent => {
-                    // Case records first, then attachment bytes.
-                    if fetch.is_none() {
+                Event::NothingMoreToReceive | Event::Quiescent => {
+                    // Case records first, then attachment bytes. Records
+                    // complete before convergence (nothing listed on our
+                    // side) lets the fetch, and so our BlobsDone, start a
+                    // round trip earlier.
+                    let received = session.stats().case_messages_received;
+                    let new_records = fetched_at_received != Some(received);
+                    if fetch.is_none() && new_records {
+                        fetched_at_received = Some(received);
                         fetch = Some(tokio::spawn(transfer::fetch_wanted(
                             conn.clone(),
                             home.to_path_buf(),
@@ -720,8 +742,12 @@ async fn drive(
                             only_blob.clone(),
                             activity.clone(),
                         )));
-                    } else {
+                    } else if new_records {
+                        fetched_at_received = Some(received);
                         refetch = true;
+                    }
+                    if event == Event::NothingMoreToReceive {
+                        continue;
                     }
                     // Converged: everything both sides hold is durable on
                     // both sides, so this is a successful sync to record.

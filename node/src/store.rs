@@ -443,6 +443,11 @@ fn load_doc(conn: &Connection, path: &Path, code: &str) -> Result<Option<Loaded>
     Ok(Some(Loaded { doc, heads, chunks }))
 }
 
+/// The `meta` key of [`Store::listed_upto`] for one peer.
+fn listed_key(peer: &str) -> String {
+    format!("listed-upto/{peer}")
+}
+
 /// Reads one of the `counters` rows; a missing row means the file is not a
 /// healthy fieldcase store.
 fn read_counter(conn: &Connection, path: &Path, name: &str) -> Result<i64, StoreError> {
@@ -1245,6 +1250,28 @@ impl Store {
         Ok(())
     }
 
+    /// How far `peer` had seen this store at the last convergence (see
+    /// `CaseStore::listed_upto` in `fieldcase-sync`): a hint kept in `meta`.
+    pub fn listed_upto(&self, peer: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .meta_get(&listed_key(peer))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_be_bytes))
+    }
+
+    /// Remembers or forgets [`Store::listed_upto`].
+    pub fn save_listed_upto(&mut self, peer: &str, upto: Option<u64>) -> Result<(), StoreError> {
+        match upto {
+            Some(seq) => self.meta_set(&listed_key(peer), &seq.to_be_bytes()),
+            None => {
+                self.conn
+                    .execute("DELETE FROM meta WHERE key = ?1", [listed_key(peer)])
+                    .map_err(self.sql())?;
+                Ok(())
+            }
+        }
+    }
+
     /// Marks a case whose stored bytes failed to load as damaged, by
     /// clearing its recorded heads. Its inventory entry then differs from
     /// every peer's, so the next sync with a peer that holds it sends the
@@ -1736,6 +1763,8 @@ impl Store {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql)?;
         tx.execute("DELETE FROM peer_case_state WHERE peer = ?1", [node_id])
+            .map_err(sql)?;
+        tx.execute("DELETE FROM meta WHERE key = ?1", [listed_key(node_id)])
             .map_err(sql)?;
         let n = tx
             .execute("DELETE FROM peers WHERE node_id = ?1", [node_id])

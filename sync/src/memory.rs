@@ -28,6 +28,8 @@ pub struct MemoryNode {
     pub sync_states: BTreeMap<(String, CaseId), Vec<u8>>,
     /// Persisted cursor per peer.
     pub cursors: BTreeMap<String, (StoreId, u64)>,
+    /// Per peer, how far it had seen this store at the last convergence.
+    pub listed: BTreeMap<String, u64>,
     /// This store's id; all zero unless a test sets it (set distinct ids
     /// when nodes should tell each other's stores apart).
     pub store_id: StoreId,
@@ -137,6 +139,18 @@ impl CaseStore for PeerView<'_> {
 
     fn save_peer_cursor(&mut self, store_id: StoreId, seq: u64) -> Result<(), StoreFault> {
         self.node.cursors.insert(self.peer.clone(), (store_id, seq));
+        Ok(())
+    }
+
+    fn listed_upto(&mut self) -> Result<Option<u64>, StoreFault> {
+        Ok(self.node.listed.get(&self.peer).copied())
+    }
+
+    fn save_listed_upto(&mut self, upto: Option<u64>) -> Result<(), StoreFault> {
+        match upto {
+            Some(seq) => self.node.listed.insert(self.peer.clone(), seq),
+            None => self.node.listed.remove(&self.peer),
+        };
         Ok(())
     }
 

@@ -19,6 +19,13 @@
 //!    changes merged from third nodes, gets a new update sequence number),
 //!    with a digest of their heads. A reconnect where nothing changed lists
 //!    nothing: no per-case message is sent, whatever the number of cases.
+//!    In protocol 2 a listing opens with [`Message::ListingStart`], and a
+//!    node that remembers how far the peer had seen it (at their last
+//!    convergence) lists from there in its first flight, a round trip
+//!    before the peer's cursor arrives. If the cursor turns out to be
+//!    older (the peer crashed before storing it, or was restored), the
+//!    listing restarts from the cursor; the peer counts only a listing
+//!    that starts at or before the cursor it sent.
 //! 3. For each listed case it lacks, the receiver asks for the whole
 //!    document ([`Message::Want`], batched); the lister answers with its
 //!    saved bytes ([`Message::CaseDoc`]), one message per case and no
@@ -55,6 +62,10 @@ use crate::wire::{
 
 /// First protocol version with whole-document transfer.
 const WHOLE_DOCS_VERSION: u16 = 2;
+
+/// First protocol version with [`Message::ListingStart`] and listings sent
+/// before the peer's cursor arrives.
+const OPTIMISTIC_LISTING_VERSION: u16 = 2;
 
 /// Largest saved document sent whole: what fits in one frame with its
 /// case id and lengths. A larger case is synced with Automerge instead.
@@ -146,6 +157,12 @@ pub enum Event {
         /// Whether the session stays open after converging.
         live: bool,
     },
+    /// Every case record the peer will send in this session is here: its
+    /// listing is complete, nothing we asked for is outstanding, and we
+    /// listed nothing it could start an exchange about. The caller may
+    /// fetch attachments now instead of waiting for [`Event::Quiescent`],
+    /// which costs another round trip. Emitted at most once per session.
+    NothingMoreToReceive,
     /// Both sides have processed everything and have nothing to send.
     /// In a one-shot session this is followed by [`Event::Finished`].
     Quiescent,
@@ -299,6 +316,20 @@ pub struct Session {
     list_after: Option<u64>,
     /// Our listing was sent completely.
     list_done: bool,
+    /// Where our current listing started (protocol 2 tells the peer).
+    list_from: u64,
+    /// We started listing before the peer's cursor arrived.
+    optimistic: bool,
+    /// Entries our listings carried so far.
+    listed_entries: u64,
+    /// The cursor we sent the peer (the sequence number of its store we
+    /// have seen; 0 if we hold none for the store it turns out to have).
+    since_sent: ([u8; 16], u64),
+    /// Where the peer's current listing started ([`Message::ListingStart`];
+    /// protocol 1 has none, and its listings always start at our cursor).
+    peer_listing_from: Option<u64>,
+    /// [`Event::NothingMoreToReceive`] was emitted.
+    nothing_more_sent: bool,
     /// The end of the peer's listing, once received.
     peer_end: Option<ChangesEnd>,
     /// The peer's cursor was stored (once per session).
@@ -357,6 +388,12 @@ impl Session {
             list_upto: 0,
             list_after: None,
             list_done: false,
+            list_from: 0,
+            optimistic: false,
+            listed_entries: 0,
+            since_sent: ([0; 16], 0),
+            peer_listing_from: None,
+            nothing_more_sent: false,
             peer_end: None,
             cursor_saved: false,
             to_offer: VecDeque::new(),
@@ -392,6 +429,7 @@ impl Session {
         self.store_id = store.store_id()?;
         self.list_upto = store.current_seq()?;
         let (peer_store, seq) = store.peer_cursor()?.unwrap_or(([0; 16], 0));
+        self.since_sent = (peer_store, seq);
         self.send(Message::Hello(Hello {
             version_min: self.config.version_min,
             version_max: self.config.version_max,
@@ -401,6 +439,16 @@ impl Session {
             store_id: peer_store,
             seq,
         });
+        // A remembered position beyond our counter (our store was restored
+        // from an older copy) is no position at all.
+        let remembered = store.listed_upto()?.filter(|&r| r <= self.list_upto);
+        if let (Some(after), true) = (
+            remembered,
+            self.config.version_max >= OPTIMISTIC_LISTING_VERSION,
+        ) {
+            self.optimistic = true;
+            self.start_listing(after);
+        }
         Ok(())
     }
 
@@ -473,7 +521,7 @@ impl Session {
     /// calls it after draining the outbox so a long backlog keeps flowing
     /// even while the peer is quiet.
     pub fn fill(&mut self, store: &mut dyn CaseStore) -> Result<(), SessionError> {
-        if self.phase != Phase::Sync {
+        if !self.may_list() {
             return Ok(());
         }
         let result = self
@@ -492,11 +540,25 @@ impl Session {
     /// bounds do not count: a transport that waited for send room on their
     /// account would spin, filling nothing, until the peer answers.
     pub fn has_backlog(&self) -> bool {
-        self.phase == Phase::Sync
+        self.may_list()
             && ((self.list_after.is_some() && !self.list_done)
                 || !self.peer_wants.is_empty()
                 || (!self.to_want.is_empty() && self.wants_in_flight < WANTS_IN_FLIGHT_MAX)
                 || (!self.to_offer.is_empty() && self.in_flight.len() < OFFERS_IN_FLIGHT_MAX))
+    }
+
+    /// Listings may be generated: in the sync phase, or before it when we
+    /// list optimistically.
+    fn may_list(&self) -> bool {
+        self.phase == Phase::Sync || (self.phase == Phase::Hello && self.optimistic)
+    }
+
+    /// Starts (or restarts) our listing after sequence number `after`.
+    fn start_listing(&mut self, after: u64) {
+        self.list_after = Some(after);
+        self.list_from = after;
+        self.list_done = false;
+        self.send(Message::ListingStart { after });
     }
 
     /// The next event for the caller.
@@ -578,8 +640,13 @@ impl Session {
                 code: g.code,
                 reason: g.reason,
             }),
-            (Phase::Hello, Message::Hello(h)) => self.on_hello(h),
-            (Phase::Sync, Message::Since { store_id, seq }) => self.on_since(store_id, seq),
+            (Phase::Hello, Message::Hello(h)) => self.on_hello(h, store),
+            (Phase::Sync, Message::Since { store_id, seq }) => self.on_since(store_id, seq, store),
+            (Phase::Sync, Message::ListingStart { after })
+                if self.version >= OPTIMISTIC_LISTING_VERSION =>
+            {
+                self.on_listing_start(after)
+            }
             (Phase::Sync, Message::Changes { entries, end }) => {
                 self.data_received += 1;
                 self.on_changes(entries, end, store)
@@ -640,7 +707,7 @@ impl Session {
         Ok(())
     }
 
-    fn on_hello(&mut self, h: Hello) -> Result<(), SessionError> {
+    fn on_hello(&mut self, h: Hello, store: &mut dyn CaseStore) -> Result<(), SessionError> {
         let low = h.version_min.max(self.config.version_min);
         let high = h.version_max.min(self.config.version_max);
         if h.version_min > h.version_max || low > high {
@@ -653,6 +720,16 @@ impl Session {
         }
         self.live = self.config.live || h.live;
         self.version = high;
+        if self.optimistic && high < OPTIMISTIC_LISTING_VERSION {
+            // Our first flight carried a listing this peer cannot read (it
+            // was downgraded); it will refuse it. Forget the position so
+            // the next session waits for its cursor.
+            store.save_listed_upto(None)?;
+            return Err(SessionError::Protocol(format!(
+                "the peer now speaks protocol {high}, too old for the listing we opened with; \
+                 the next sync will work"
+            )));
+        }
         self.events.push_back(Event::Connected {
             version: high,
             live: self.live,
@@ -668,21 +745,52 @@ impl Session {
         Ok(())
     }
 
-    fn on_since(&mut self, store_id: StoreId, seq: u64) -> Result<(), SessionError> {
-        if self.list_after.is_some() {
+    /// The peer's cursor for our store. A cursor for another store (we
+    /// were re-initialised) or beyond our counter (restored from an older
+    /// backup) cannot be trusted: we list everything.
+    fn on_since(
+        &mut self,
+        store_id: StoreId,
+        seq: u64,
+        store: &mut dyn CaseStore,
+    ) -> Result<(), SessionError> {
+        if self.list_after.is_some() && !self.optimistic {
             return Err(SessionError::Protocol(
                 "a second cursor in one session".into(),
             ));
         }
-        // A cursor for another store (we were re-initialised or restored)
-        // or beyond our counter (restored from an older backup) cannot be
-        // trusted: list everything.
         let after = if store_id == self.store_id && seq <= self.list_upto {
             seq
         } else {
             0
         };
-        self.list_after = Some(after);
+        if std::mem::replace(&mut self.optimistic, false) {
+            if !listing_covers(self.list_from, self.store_id, (store_id, seq)) {
+                // The peer has seen less than we remembered: list again
+                // from its cursor, and do not start from our memory next
+                // time until a session converges again.
+                store.save_listed_upto(None)?;
+                self.start_listing(after);
+            }
+            return Ok(());
+        }
+        if self.version >= OPTIMISTIC_LISTING_VERSION {
+            self.start_listing(after);
+        } else {
+            self.list_after = Some(after);
+        }
+        Ok(())
+    }
+
+    /// The peer opens (or restarts) a listing; see [`listing_covers`] for
+    /// which one counts.
+    fn on_listing_start(&mut self, after: u64) -> Result<(), SessionError> {
+        if self.peer_end.is_some() {
+            return Err(SessionError::Protocol(
+                "a new listing after the end of a complete one".into(),
+            ));
+        }
+        self.peer_listing_from = Some(after);
         Ok(())
     }
 
@@ -697,6 +805,11 @@ impl Session {
                 "changes after the end of the listing".into(),
             ));
         }
+        if self.version >= OPTIMISTIC_LISTING_VERSION && self.peer_listing_from.is_none() {
+            return Err(SessionError::Protocol(
+                "a change listing without its start".into(),
+            ));
+        }
         for (case, hash) in entries {
             match store.heads(&case)? {
                 Some(ours) if heads_hash(&ours) == hash => {}
@@ -705,7 +818,15 @@ impl Session {
                 None => self.queue_offer(case)?,
             }
         }
-        self.peer_end = end;
+        match (end, self.peer_listing_from) {
+            (None, _) => {}
+            (Some(end), Some(from)) if !listing_covers(from, end.store_id, self.since_sent) => {
+                // A listing from the peer's memory that misses part of
+                // what we lack; the peer restarts it from our cursor.
+                self.peer_listing_from = None;
+            }
+            (Some(end), _) => self.peer_end = Some(end),
+        }
         Ok(())
     }
 
@@ -846,6 +967,7 @@ impl Session {
                     .map(|c| (c.case, heads_hash(&c.heads)))
                     .collect();
                 let done = last >= self.list_upto || entries.is_empty();
+                self.listed_entries += entries.len() as u64;
                 self.list_after = Some(last);
                 self.list_done = done;
                 self.send(Message::Changes {
@@ -1018,6 +1140,15 @@ impl Session {
         {
             return Ok(());
         }
+        if !self.nothing_more_sent
+            && self.listed_entries == 0
+            && self.wanted.is_empty()
+            && self.in_flight.is_empty()
+            && self.docs.is_empty()
+        {
+            self.nothing_more_sent = true;
+            self.events.push_back(Event::NothingMoreToReceive);
+        }
         let counts = (self.data_received, self.data_sent);
         if self.last_idle_sent != Some(counts) {
             self.last_idle_sent = Some(counts);
@@ -1038,6 +1169,11 @@ impl Session {
         if converged && !self.cursor_saved {
             if let Some(end) = &self.peer_end {
                 store.save_peer_cursor(end.store_id, end.upto)?;
+            }
+            // The peer counted our listing's end, so it stores the same
+            // position for our store: next time we list from there at once.
+            if self.version >= OPTIMISTIC_LISTING_VERSION {
+                store.save_listed_upto(Some(self.list_upto))?;
             }
             self.cursor_saved = true;
         }
@@ -1067,4 +1203,14 @@ impl Session {
         let result = self.after_input(store);
         self.fail_on_err(result)
     }
+}
+
+/// Whether a listing of `lister`'s changes after sequence number `from`
+/// covers everything the receiver lacks, given the cursor the receiver
+/// sent, `(store, seq)`: it starts at the beginning, or no later than the
+/// cursor when the cursor is for the lister's own store. Both sides apply
+/// this same rule, the lister to decide whether to restart a listing it
+/// began from memory, the receiver to decide whether its end counts.
+fn listing_covers(from: u64, lister: StoreId, since: (StoreId, u64)) -> bool {
+    from == 0 || (since.0 == lister && from <= since.1)
 }

@@ -126,6 +126,20 @@ pub trait CaseStore {
     /// Moves the cursor forward. Called only once every listed case is
     /// committed here.
     fn save_peer_cursor(&mut self, store_id: StoreId, seq: u64) -> Result<(), StoreFault>;
+    /// How far this peer had seen our store when we last converged with it
+    /// (our listing's end), if we remember: a session lists from there at
+    /// once instead of waiting a round trip for the peer's cursor. Only a
+    /// hint; the peer's cursor decides (see [`Message::ListingStart`]).
+    ///
+    /// [`Message::ListingStart`]: crate::wire::Message::ListingStart
+    fn listed_upto(&mut self) -> Result<Option<u64>, StoreFault> {
+        Ok(None)
+    }
+    /// Remembers (or, with `None`, forgets) [`CaseStore::listed_upto`].
+    fn save_listed_upto(&mut self, upto: Option<u64>) -> Result<(), StoreFault> {
+        let _ = upto;
+        Ok(())
+    }
     /// The current document of a case shared with this peer, if any.
     fn load(&mut self, case: &CaseId) -> Result<Option<Automerge>, StoreFault>;
     /// The persisted Automerge sync state for this peer and case.

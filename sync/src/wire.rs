@@ -19,8 +19,9 @@ pub const HELLO_MAGIC: [u8; 4] = *b"FCSY";
 
 /// The protocol version this build speaks. Version 2 added whole-document
 /// transfer ([`Message::Want`], [`Message::CaseDoc`]) for cases the
-/// receiver lacks; with a version-1 peer the session falls back to a
-/// per-case Automerge exchange for those too.
+/// receiver lacks, and listings that may start before the peer's cursor
+/// arrives ([`Message::ListingStart`]); with a version-1 peer the session
+/// does neither.
 pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Oldest protocol version this build still speaks.
@@ -167,6 +168,17 @@ pub enum Message {
         /// The peer's update sequence number we have fully seen.
         seq: u64,
     },
+    /// Opens a change listing (protocol 2): the [`Message::Changes`] that
+    /// follow list the sender's changes after sequence number `after`. A
+    /// node that remembers how far the peer had seen its store lists from
+    /// there at once, in its first flight, without waiting for the peer's
+    /// [`Message::Since`]; the receiver counts that listing's end only if
+    /// `after` is not beyond the cursor it sent, and otherwise waits for
+    /// the listing the sender restarts from that cursor.
+    ListingStart {
+        /// The sequence number after which changes are listed.
+        after: u64,
+    },
     /// A batch of the sender's cases that changed after the requested
     /// cursor, with a digest of their heads, in update order. The last
     /// batch carries the cursor the receiver may store once it holds
@@ -256,6 +268,7 @@ const TAG_BLOB_HEADER: u8 = 9;
 const TAG_BLOB_UNAVAILABLE: u8 = 10;
 const TAG_WANT: u8 = 11;
 const TAG_CASE_DOC: u8 = 12;
+const TAG_LISTING_START: u8 = 13;
 
 /// Why a frame payload is not a valid message.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -331,6 +344,10 @@ impl Message {
                 w.push(TAG_CASE_SYNC);
                 put_bytes(&mut w, case.as_str().as_bytes());
                 put_bytes(&mut w, data);
+            }
+            Message::ListingStart { after } => {
+                w.push(TAG_LISTING_START);
+                put_varint(&mut w, *after);
             }
             Message::Want { cases } => {
                 w.push(TAG_WANT);
@@ -440,6 +457,7 @@ impl Message {
                 let data = r.bytes()?.to_vec();
                 Message::CaseSync { case, data }
             }
+            TAG_LISTING_START => Message::ListingStart { after: r.varint()? },
             TAG_WANT => {
                 let n = r.varint()?;
                 if n > WANT_CASES_MAX as u64 {
@@ -524,6 +542,7 @@ impl Message {
             Message::Since { .. } => "since",
             Message::Changes { .. } => "changes",
             Message::CaseSync { .. } => "case-sync",
+            Message::ListingStart { .. } => "listing-start",
             Message::Want { .. } => "want",
             Message::CaseDoc { .. } => "case-doc",
             Message::Idle { .. } => "idle",

@@ -4,7 +4,7 @@
 use automerge::transaction::Transactable;
 use automerge::{ActorId, Automerge, ReadDoc, ROOT};
 use fieldcase_sync::memory::MemoryNode;
-use fieldcase_sync::{CaseId, Session, SessionConfig, SessionError};
+use fieldcase_sync::{CaseId, Message, Session, SessionConfig, SessionError};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -107,8 +107,8 @@ fn after_the_first_sync_a_reconnect_lists_only_what_changed() {
         assert_eq!(s.stats().case_messages_sent, 0);
         assert_eq!(
             s.stats().frames_sent,
-            5,
-            "hello, since, empty changes, blobs-done, idle"
+            6,
+            "hello, since, listing-start, empty changes, blobs-done, idle"
         );
     }
 
@@ -248,5 +248,71 @@ fn a_center_restored_from_an_old_backup_is_listed_from_the_start() {
     assert!(
         restored.docs.contains_key(&id("C-1")),
         "and the laptop restores what it lost"
+    );
+}
+
+#[test]
+fn a_reconnect_lists_from_memory_in_its_first_flight() {
+    let mut center = node(1);
+    let mut laptop = node(2);
+    for i in 0..50 {
+        create(&mut center, 1, &format!("C-{i}"));
+    }
+    session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    edit(&mut center, 1, "C-7", "status_note", "processed");
+
+    // Before hearing anything from the laptop, the center's opening
+    // already carries its listing: hello, cursor, listing start (from the
+    // position the laptop stored last time) and the changed case.
+    let mut sc = Session::new(SessionConfig::default());
+    sc.start(&mut center.for_peer("laptop")).unwrap();
+    sc.fill(&mut center.for_peer("laptop")).unwrap();
+    let opening: Vec<Message> = std::iter::from_fn(|| sc.poll_transmit())
+        .map(|f| Message::decode(&f[4..]).unwrap())
+        .collect();
+    let listed: Vec<&str> = opening
+        .iter()
+        .flat_map(|m| match m {
+            Message::Changes { entries, .. } => entries.iter().map(|(c, _)| c.as_str()).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert!(
+        matches!(opening[2], Message::ListingStart { after } if after > 0),
+        "{opening:?}"
+    );
+    assert_eq!(listed, vec!["C-7"], "only what changed since last time");
+
+    // And the session it opens converges as usual.
+    let (c, l) = session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    assert_eq!(c.stats().cases_sent.len(), 1);
+    assert_eq!(l.stats().cases_received.len(), 1);
+    assert_eq!(heads_of(&center), heads_of(&laptop));
+}
+
+#[test]
+fn a_laptop_that_lost_its_cursor_gets_a_listing_restarted_from_the_beginning() {
+    let mut center = node(1);
+    let mut laptop = node(2);
+    for i in 0..50 {
+        create(&mut center, 1, &format!("C-{i}"));
+    }
+    session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    // The laptop loses its cursor (restored from a copy taken before the
+    // sync) and a case it held: the center's listing from memory would
+    // skip it.
+    laptop.cursors.clear();
+    laptop.docs.remove(&id("C-3"));
+    let (c, l) = session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    assert_eq!(l.stats().cases_received.len(), 1, "C-3 came back");
+    assert_eq!(
+        c.stats().case_messages_sent,
+        1,
+        "one whole case, nothing else"
+    );
+    assert_eq!(heads_of(&center), heads_of(&laptop));
+    assert!(
+        center.listed.contains_key("laptop"),
+        "converged again, so the next session lists from memory"
     );
 }

@@ -33,6 +33,9 @@ fn flood(version: u16) -> Sent {
         store_id: [1; 16],
         seq: 0,
     }));
+    if version >= 2 {
+        input.extend(frame(&Message::ListingStart { after: 0 }));
+    }
     session
         .handle_bytes(&input, &mut center.for_peer("flooder"))
         .unwrap();

@@ -28,6 +28,7 @@ fn opened(node: &mut MemoryNode) -> Session {
             store_id: [9; 16],
             seq: 0,
         },
+        Message::ListingStart { after: 0 },
         Message::Changes {
             entries: vec![],
             end: Some(ChangesEnd {
@@ -109,6 +110,7 @@ fn asked_for_cen_1(node: &mut MemoryNode) -> Session {
             store_id: [9; 16],
             seq: 0,
         },
+        Message::ListingStart { after: 0 },
         Message::Changes {
             entries: vec![(CaseId::new("CEN-1").unwrap(), [3; 16])],
             end: Some(ChangesEnd {

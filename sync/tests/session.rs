@@ -143,9 +143,9 @@ fn a_reconnect_with_nothing_changed_sends_no_per_case_message() {
     for s in [&l, &c] {
         assert_eq!(s.stats().case_messages_sent, 0);
         assert_eq!(s.stats().case_messages_received, 0);
-        // Hello, cursor, an empty listing, blobs-done and one idle each:
-        // nothing grows with the number of cases.
-        assert_eq!(s.stats().frames_sent, 5);
+        // Hello, cursor, listing start, an empty listing, blobs-done and
+        // one idle each: nothing grows with the number of cases.
+        assert_eq!(s.stats().frames_sent, 6);
     }
 }
 
@@ -495,4 +495,38 @@ fn a_laptop_speaking_protocol_1_still_gets_every_case_through_automerge() {
         );
     }
     assert_eq!(c.stats().whole_docs_sent + l.stats().whole_docs_sent, 0);
+}
+
+#[test]
+fn a_peer_downgraded_to_protocol_1_costs_one_failed_sync_then_works() {
+    let mut laptop = MemoryNode::default();
+    let mut center = MemoryNode::default();
+    center
+        .docs
+        .insert(id("CEN-1"), new_case(2, "CEN-1", "0911"));
+    sync_once(&mut laptop, &mut center);
+    assert!(center.listed.contains_key("left"), "the center remembers");
+    edit(&mut center, 2, "CEN-1", "status", "processing");
+
+    // The laptop is replaced by an older build. The center's opening
+    // already carried a protocol-2 listing the laptop cannot read.
+    let old = SessionConfig {
+        version_min: 1,
+        version_max: 1,
+        ..SessionConfig::default()
+    };
+    let mut l = start(&mut laptop, "right", old.clone());
+    let mut c = start(&mut center, "left", SessionConfig::default());
+    c.fill(&mut center.for_peer("left")).unwrap();
+    assert!(pump((&mut l, &mut laptop), (&mut c, &mut center), usize::MAX).is_err());
+    assert!(!center.listed.contains_key("left"), "the center forgot");
+
+    let mut l = start(&mut laptop, "right", old);
+    let mut c = start(&mut center, "left", SessionConfig::default());
+    pump((&mut l, &mut laptop), (&mut c, &mut center), usize::MAX).unwrap();
+    assert!(l.is_finished() && c.is_finished());
+    assert_eq!(
+        get(&laptop, "CEN-1", "status").as_deref(),
+        Some("processing")
+    );
 }

@@ -31,7 +31,8 @@
 //!
 //! Run: `cargo bench -p fieldcase-tests --bench sync_scale` (about 10 min
 //! on 2 cores, plus a few minutes to build the fixtures the first time), or
-//! `-- --quick` for 10,000 cases only.
+//! `-- --quick` for 10,000 cases only; `-- --fixtures-only` just builds the
+//! cached fixtures.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -1211,6 +1212,10 @@ fn main() -> Result<()> {
 
     let small = fixture(10_000)?;
     let big = if quick { None } else { Some(fixture(100_000)?) };
+    if args.iter().any(|a| a == "--fixtures-only") {
+        eprintln!("fixtures ready");
+        return Ok(());
+    }
     let started = Instant::now();
 
     eprintln!("row 1: first sync of {} cases ...", small.n);

@@ -1420,7 +1420,9 @@ impl Sim {
                 let conn = self.conns.get_mut(&id).expect("still open");
                 match ev {
                     Event::Connected { .. } => {}
-                    Event::Quiescent => {
+                    // As the node does: the fetch (here a delay) starts
+                    // when records are complete, whichever comes first.
+                    Event::NothingMoreToReceive | Event::Quiescent => {
                         if conn.blob[side] && !conn.blobs_done_scheduled[side] {
                             conn.blobs_done_scheduled[side] = true;
                             let at = self.now + self.rng.random_range(1..=200u64);

@@ -234,6 +234,7 @@ fn opening() -> Vec<u8> {
             store_id: [0xEE; 16],
             seq: 0,
         }),
+        frame(&Message::ListingStart { after: 0 }),
         frame(&Message::Changes {
             entries: vec![],
             end: Some(ChangesEnd {
