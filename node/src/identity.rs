@@ -71,14 +71,13 @@ pub const STREAMS_BIDI_MAX: u32 = 64;
 pub const STREAMS_UNI_MAX: u32 = 64;
 
 /// Per-stream receive window: the most unread data a peer can park in one
-/// stream's buffer. It also caps how much of one attachment is in flight:
-/// quinn's BBR overestimates bandwidth on jittery cellular links and would
-/// otherwise overflow the base station's queue (tail drops cost
-/// retransmissions, 1.5x the blob in bytes in our benchmark). 320 KB is
-/// about 1.3 s at 2 Mbit/s: enough to ride out a loss recovery on
-/// village 3G, small enough not to flood its queue. Measured trade-off on
-/// village-3g (benchmark `blob_transfer`): 256 KB gave 78% goodput at
-/// 1.06x bytes, 320 KB 80% at 1.06x, 512 KB 87% at 1.18x.
+/// stream's buffer (a memory bound per stream: 4 blob streams at most). It
+/// is no longer the brake on a blob's data in flight: quinn's BBR used to
+/// overfill cellular queues and this window was all that held it back;
+/// [`crate::congestion`] now keeps the window near twice the measured
+/// bandwidth-delay product (130 KB on village 3G, 40 KB at the edge of
+/// coverage), well below it. 320 KB still covers a 2 Mbit/s link's BDP with
+/// queueing four times over, so flow control never idles a 3G link.
 pub const STREAM_RECEIVE_WINDOW_BYTES: u32 = 320 * 1024;
 
 /// Per-connection receive window: the most unread data a peer can park in
@@ -791,12 +790,10 @@ pub fn transport_config() -> Result<quinn::TransportConfig, IdentityError> {
         // The protocol does not use datagrams; don't buffer any.
         .datagram_receive_buffer_size(None)
         // Village links lose packets for reasons that are not congestion
-        // (weak signal, handovers). Loss-based controllers (Cubic, NewReno)
-        // collapse to a fraction of the link at 3% random loss; BBR paces
-        // to the measured bottleneck bandwidth instead.
-        .congestion_controller_factory(
-            std::sync::Arc::new(quinn::congestion::BbrConfig::default()),
-        );
+        // (weak signal, handovers): loss-based controllers (Cubic, NewReno)
+        // collapse at 3% random loss, and quinn's BBR overfills the
+        // bottleneck queue. See `crate::congestion` for the one we use.
+        .congestion_controller_factory(std::sync::Arc::new(crate::congestion::RateCappedConfig));
     Ok(t)
 }
 

@@ -9,6 +9,7 @@
 //! - [`blobs`]: content-addressed attachment bytes beside the database.
 //! - [`transfer`]: attachment streams over QUIC, resumable and verified.
 //! - [`config`]: per-node settings (blob size limit, fetch policy).
+//! - [`congestion`]: the congestion controller for lossy village links.
 //! - [`bulk`]: CSV and JSON Lines import and export of cases.
 //! - [`node`]: the facade tying them together for the CLI and tests.
 
@@ -17,6 +18,7 @@ pub mod blobs;
 pub mod bulk;
 pub mod case;
 pub mod config;
+pub mod congestion;
 pub mod identity;
 pub mod net;
 pub mod node;
