@@ -502,7 +502,7 @@ fn sync(home: &Path, peer: Option<String>, watch: bool) -> Result<()> {
                 progress: progress::sink(),
                 only_blob: None,
             };
-            match net::sync_with(home, &p, opts).await {
+            match net::sync_resuming(home, &p, opts).await {
                 Ok(report) => println!("{}", report.summary()),
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -538,7 +538,7 @@ fn fetch_on_demand(node: &mut Node, hash: &str) -> Result<()> {
             progress: progress::sink(),
             only_blob: Some(hash.to_string()),
         };
-        match rt.block_on(net::sync_with(&home, &p, opts)) {
+        match rt.block_on(net::sync_resuming(&home, &p, opts)) {
             Ok(report) if report.blobs.fetched > 0 => return Ok(()),
             Ok(_) => errors.push(format!("{} does not have it", p.name)),
             Err(e) => errors.push(e.to_string()),

@@ -637,6 +637,14 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             reason: "no shared case refers to this blob".into(),
         },
         Message::BlobsDone,
+        Message::ListingStart { after: 12_345 },
+        Message::Want {
+            cases: vec![id.clone(), CaseId::new("Z-1").expect("id")],
+        },
+        Message::CaseDoc {
+            case: id.clone(),
+            data: real_case(HANDSHAKE_CASE, 5).save(),
+        },
     ];
     for (i, m) in made.iter().enumerate() {
         out.push((

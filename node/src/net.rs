@@ -416,6 +416,9 @@ pub struct SyncReport {
     pub stats: SessionStats,
     /// Attachments downloaded in this session.
     pub blobs: FetchReport,
+    /// Connections lost mid-session and opened again to resume (see
+    /// [`sync_resuming`]); the counters are those of the last session.
+    pub resumed: u32,
 }
 
 impl SyncReport {
@@ -432,6 +435,12 @@ impl SyncReport {
                     "files received"
                 ),
                 self.blobs.bytes as f64 / 1e6
+            ));
+        }
+        if self.resumed > 0 {
+            line.push_str(&format!(
+                " (resumed after {})",
+                plural(self.resumed as usize, "lost connection", "lost connections")
             ));
         }
         line
@@ -915,6 +924,62 @@ pub struct SyncOptions {
     pub only_blob: Option<String>,
 }
 
+/// Connections a one-shot sync opens in all when established ones keep
+/// being lost mid-session (see [`sync_resuming`]).
+pub const RESUME_ATTEMPTS_MAX: u32 = 3;
+
+/// Pause before connecting again, times the attempt number.
+pub const RESUME_BACKOFF_MS: u64 = 1_000;
+
+/// [`sync_with`] for a one-shot sync over a link that drops: when an
+/// established connection is lost mid-session (a blackout longer than
+/// QUIC's idle timeout, say), it connects again and the new session
+/// resumes where the last one stopped, since cursors, sync states and
+/// partial attachment files are all durable. At most
+/// [`RESUME_ATTEMPTS_MAX`] connections. Anything else (unreachable,
+/// refused, a misbehaving peer, a local fault) is returned at once, and a
+/// live sync is left to [`watch`], which reconnects on its own.
+pub async fn sync_resuming(
+    home: &Path,
+    peer: &PeerRow,
+    opts: SyncOptions,
+) -> Result<SyncReport, NetError> {
+    if opts.live {
+        return sync_with(home, peer, opts).await;
+    }
+    let mut attempt = 1;
+    loop {
+        let once = SyncOptions {
+            live: false,
+            changes: None,
+            log: opts.log.clone(),
+            progress: opts.progress.clone(),
+            only_blob: opts.only_blob.clone(),
+        };
+        match sync_with(home, peer, once).await {
+            Ok(mut report) => {
+                report.resumed = attempt - 1;
+                return Ok(report);
+            }
+            Err(NetError::ConnectionLost { peer: name, reason })
+                if attempt < RESUME_ATTEMPTS_MAX =>
+            {
+                (opts.log)(&format!(
+                    "{name}: connection lost ({reason}); connecting again to resume \
+                     (attempt {} of {RESUME_ATTEMPTS_MAX})",
+                    attempt + 1
+                ));
+                tokio::time::sleep(Duration::from_millis(
+                    RESUME_BACKOFF_MS * u64::from(attempt),
+                ))
+                .await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Connects to `peer`, checks it is the node we pinned, and runs a session.
 pub async fn sync_with(
     home: &Path,
@@ -1020,6 +1085,7 @@ pub async fn sync_with(
         peer: peer.name.clone(),
         stats,
         blobs,
+        resumed: 0,
     })
 }
 
@@ -1214,6 +1280,7 @@ async fn handle_incoming(
             peer: peer.name.clone(),
             stats,
             blobs,
+            resumed: 0,
         }))
     }
     .await;

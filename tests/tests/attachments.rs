@@ -494,6 +494,67 @@ fn a_download_cut_midway_resumes_after_both_nodes_restart() -> Result<()> {
 }
 
 #[test]
+fn a_blackout_longer_than_the_idle_timeout_is_resumed_by_the_same_sync() -> Result<()> {
+    setup();
+    let (mut rng, seed) = seeded_rng("attachments same-sync resume", 0x5E6);
+    let rt = runtime();
+    let files = tempfile::tempdir()?;
+    let profile = LinkProfile {
+        bandwidth_bps: Some(8_000_000),
+        ..LinkProfile::good_wifi()
+    };
+    let Site {
+        center,
+        laptop,
+        server: _server,
+        relay,
+    } = Site::start(&rt, "thon-nam", profile, seed)?;
+    let code = center.case_new("land-survey", "Ly Thi Mai", "Thôn Nam", &[])?;
+    let (scan, scan_bytes) =
+        seeded_file(files.path(), "ban-do.jpg", JPEG_MAGIC, 4 * MIB, &mut rng)?;
+    let hash = hash_of(&center.attach(&code, "land-certificate", &scan)?)?;
+    let size = scan_bytes.len() as u64;
+    let partial = laptop.partial_path(&hash);
+
+    // At 40 % the laptop loses the signal for longer than QUIC waits on a
+    // silent connection; nobody touches the laptop.
+    let sync = laptop.spawn(&["sync", "center"])?;
+    poll_until(TRANSFER_TIMEOUT, "40 % of the scan kept", || {
+        let len = fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+        Ok((len * 10 >= size * 4).then_some(len))
+    })?;
+    relay.set_blackout(true);
+    std::thread::sleep(Duration::from_millis(
+        fieldcase_node::identity::IDLE_TIMEOUT_MS + 1_500,
+    ));
+    relay.set_blackout(false);
+
+    // The same `sync` connects again and finishes the file from where it
+    // stopped.
+    let out = sync.wait(TRANSFER_TIMEOUT)?.ok()?;
+    let text = format!("{}\n{}", out.stdout, out.stderr);
+    ensure!(
+        text.contains("connection lost") && text.contains("connecting again to resume"),
+        "the sync should say it reconnects:\n{}",
+        out.describe()
+    );
+    ensure!(
+        text.lines()
+            .any(|l| l.contains(&format!("file {}", &hash[..12])) && l.contains("resuming at")),
+        "the download should resume, not restart:\n{}",
+        out.describe()
+    );
+    ensure!(
+        summary_line(&out)?.contains("(resumed after 1 lost connection)"),
+        "{}",
+        out.describe()
+    );
+    assert_local(&laptop, &code, &hash, "present")?;
+    assert_opens_identical(&laptop, &code, &hash, &scan_bytes, files.path())?;
+    Ok(())
+}
+
+#[test]
 fn bytes_that_do_not_match_their_hash_are_refused_and_not_kept() -> Result<()> {
     setup();
     let (mut rng, seed) = seeded_rng("attachments hostile", 0xBAD);
