@@ -166,9 +166,113 @@ pub(crate) struct CaseDoc {
 
 /// Hydrate the case, turning any shape error into `Malformed` (a peer's
 /// garbage must be an error, never a panic).
-pub(crate) fn hydrate_case<D: autosurgeon::ReadDoc>(doc: &D) -> Result<CaseDoc, CaseError> {
-    autosurgeon::hydrate(doc)
+pub(crate) fn hydrate_case(doc: &automerge::Automerge) -> Result<CaseDoc, CaseError> {
+    autosurgeon::hydrate(&OnePass::new(doc))
         .map_err(|e| CaseError::Malformed(format!("document does not have the case shape: {e}")))
+}
+
+/// A read view of a document that answers map lookups from one pass over
+/// each map. autosurgeon hydrates a struct a key at a time, and automerge
+/// 0.12 seeks each key separately through the map's ops; for a case (a
+/// few dozen maps of a handful of keys) that was most of the cost of
+/// checking a case received from a peer. One `map_range` per map gives
+/// the same winning value and object id per key as `get`.
+struct OnePass<'a> {
+    doc: &'a automerge::Automerge,
+    maps: std::cell::RefCell<MapCache>,
+}
+
+/// Winning value and id per key, per map already read.
+type MapCache =
+    std::collections::HashMap<ObjId, std::rc::Rc<BTreeMap<String, (Value<'static>, ObjId)>>>;
+
+impl<'a> OnePass<'a> {
+    fn new(doc: &'a automerge::Automerge) -> Self {
+        OnePass {
+            doc,
+            maps: Default::default(),
+        }
+    }
+
+    fn map(&self, obj: &ObjId) -> std::rc::Rc<BTreeMap<String, (Value<'static>, ObjId)>> {
+        if let Some(m) = self.maps.borrow().get(obj) {
+            return m.clone();
+        }
+        let m: BTreeMap<String, (Value<'static>, ObjId)> = ReadDoc::map_range(self.doc, obj, ..)
+            .map(|item| {
+                let id = item.id();
+                (item.key.into_owned(), (Value::from(item.value), id))
+            })
+            .collect();
+        let m = std::rc::Rc::new(m);
+        self.maps.borrow_mut().insert(obj.clone(), m.clone());
+        m
+    }
+}
+
+impl autosurgeon::ReadDoc for OnePass<'_> {
+    type Parents<'b>
+        = automerge::Parents<'b>
+    where
+        Self: 'b;
+
+    fn get_heads(&self) -> Vec<automerge::ChangeHash> {
+        self.doc.get_heads()
+    }
+
+    fn get<P: Into<automerge::Prop>>(
+        &self,
+        obj: &ObjId,
+        prop: P,
+    ) -> Result<Option<(Value<'_>, ObjId)>, automerge::AutomergeError> {
+        match prop.into() {
+            automerge::Prop::Map(key)
+                if ReadDoc::object_type(self.doc, obj) == Ok(ObjType::Map) =>
+            {
+                Ok(self.map(obj).get(&key).cloned())
+            }
+            other => ReadDoc::get(self.doc, obj, other),
+        }
+    }
+
+    fn object_type<O: AsRef<ObjId>>(&self, obj: O) -> Option<ObjType> {
+        ReadDoc::object_type(self.doc, obj).ok()
+    }
+
+    fn map_range<'b, O, R>(&'b self, obj: O, range: R) -> automerge::iter::MapRange<'b>
+    where
+        R: std::ops::RangeBounds<String> + 'b,
+        O: AsRef<ObjId>,
+    {
+        ReadDoc::map_range(self.doc, obj, range)
+    }
+
+    fn list_range<O: AsRef<ObjId>, R: std::ops::RangeBounds<usize>>(
+        &self,
+        obj: O,
+        range: R,
+    ) -> automerge::iter::ListRange<'_> {
+        ReadDoc::list_range(self.doc, obj, range)
+    }
+
+    fn length<O: AsRef<ObjId>>(&self, obj: O) -> usize {
+        ReadDoc::length(self.doc, obj)
+    }
+
+    fn text<O: AsRef<ObjId>>(&self, obj: O) -> Result<String, automerge::AutomergeError> {
+        ReadDoc::text(self.doc, obj)
+    }
+
+    fn parents<O: AsRef<ObjId>>(
+        &self,
+        obj: O,
+    ) -> Result<automerge::Parents<'_>, automerge::AutomergeError> {
+        ReadDoc::parents(self.doc, obj)
+    }
+
+    fn is_empty(&self) -> bool {
+        autosurgeon::ReadDoc::is_empty(self.doc)
+    }
 }
 
 /// Every attachment entry, concatenating all list objects at `attachments`

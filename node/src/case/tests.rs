@@ -1397,3 +1397,35 @@ fn cases_from_before_attachments_get_the_list_on_first_attach_without_losses() {
     .unwrap();
     assert_eq!(a.get_heads(), heads);
 }
+
+/// The one-pass reader behind `view` must read exactly what autosurgeon
+/// reads key by key, conflicts included (the same winner per key).
+#[test]
+fn one_pass_hydration_reads_what_key_by_key_hydration_reads() {
+    let base = birth_case();
+    let mut a = replica(&base);
+    let mut b = replica(&base);
+    set_field(&mut a, "phone", "0912 000 111", &laptop_a(), T0 + MIN).unwrap();
+    set_field(&mut b, "phone", "0987 222 333", &laptop_b(), T0 + 2 * MIN).unwrap();
+    add_note(
+        &mut a,
+        "father brings the ID on Friday",
+        &laptop_a(),
+        T0 + 3 * MIN,
+    )
+    .unwrap();
+    mark_document(
+        &mut b,
+        "birth-notice",
+        DocState::Received,
+        &laptop_b(),
+        T0 + 4 * MIN,
+    )
+    .unwrap();
+    sync(&mut a, &mut b);
+    assert_eq!(view(&a).unwrap().conflicts.len(), 1, "a real conflict");
+    for d in [&base, &a, &b] {
+        let key_by_key: doc::CaseDoc = autosurgeon::hydrate(d).unwrap();
+        assert_eq!(doc::hydrate_case(d).unwrap(), key_by_key);
+    }
+}
