@@ -166,8 +166,8 @@ pub(crate) struct CaseDoc {
 
 /// Hydrate the case, turning any shape error into `Malformed` (a peer's
 /// garbage must be an error, never a panic).
-pub(crate) fn hydrate_case(doc: &automerge::Automerge) -> Result<CaseDoc, CaseError> {
-    autosurgeon::hydrate(&OnePass::new(doc))
+pub(crate) fn hydrate_case(doc: &OnePass<'_>) -> Result<CaseDoc, CaseError> {
+    autosurgeon::hydrate(doc)
         .map_err(|e| CaseError::Malformed(format!("document does not have the case shape: {e}")))
 }
 
@@ -176,37 +176,61 @@ pub(crate) fn hydrate_case(doc: &automerge::Automerge) -> Result<CaseDoc, CaseEr
 /// 0.12 seeks each key separately through the map's ops; for a case (a
 /// few dozen maps of a handful of keys) that was most of the cost of
 /// checking a case received from a peer. One `map_range` per map gives
-/// the same winning value and object id per key as `get`.
-struct OnePass<'a> {
+/// the same winning value and object id per key as `get`, and whether the
+/// key is conflicted.
+pub(crate) struct OnePass<'a> {
     doc: &'a automerge::Automerge,
     maps: std::cell::RefCell<MapCache>,
 }
 
-/// Winning value and id per key, per map already read.
-type MapCache =
-    std::collections::HashMap<ObjId, std::rc::Rc<BTreeMap<String, (Value<'static>, ObjId)>>>;
+/// One map as read in one pass: per key, the winning value, its id, and
+/// whether other values conflict with it.
+type OneMap = std::rc::Rc<BTreeMap<String, (Value<'static>, ObjId, bool)>>;
+
+/// The maps already read (`None`: the object is not a map).
+type MapCache = std::collections::HashMap<ObjId, Option<OneMap>>;
 
 impl<'a> OnePass<'a> {
-    fn new(doc: &'a automerge::Automerge) -> Self {
+    pub(crate) fn new(doc: &'a automerge::Automerge) -> Self {
         OnePass {
             doc,
             maps: Default::default(),
         }
     }
 
-    fn map(&self, obj: &ObjId) -> std::rc::Rc<BTreeMap<String, (Value<'static>, ObjId)>> {
+    /// The document being read.
+    pub(crate) fn doc(&self) -> &'a automerge::Automerge {
+        self.doc
+    }
+
+    fn map(&self, obj: &ObjId) -> Option<OneMap> {
         if let Some(m) = self.maps.borrow().get(obj) {
             return m.clone();
         }
-        let m: BTreeMap<String, (Value<'static>, ObjId)> = ReadDoc::map_range(self.doc, obj, ..)
-            .map(|item| {
-                let id = item.id();
-                (item.key.into_owned(), (Value::from(item.value), id))
-            })
-            .collect();
-        let m = std::rc::Rc::new(m);
+        let m = (ReadDoc::object_type(self.doc, obj) == Ok(ObjType::Map)).then(|| {
+            std::rc::Rc::new(
+                ReadDoc::map_range(self.doc, obj, ..)
+                    .map(|item| {
+                        let id = item.id();
+                        let conflict = item.conflict;
+                        (
+                            item.key.into_owned(),
+                            (Value::from(item.value), id, conflict),
+                        )
+                    })
+                    .collect(),
+            )
+        });
         self.maps.borrow_mut().insert(obj.clone(), m.clone());
         m
+    }
+
+    /// Whether `key` of map `obj` holds concurrent values (`get_all`
+    /// would return more than one).
+    pub(crate) fn is_conflicted(&self, obj: &ObjId, key: &str) -> bool {
+        self.map(obj)
+            .and_then(|m| m.get(key).map(|(_, _, conflict)| *conflict))
+            .unwrap_or(false)
     }
 }
 
@@ -225,13 +249,11 @@ impl autosurgeon::ReadDoc for OnePass<'_> {
         obj: &ObjId,
         prop: P,
     ) -> Result<Option<(Value<'_>, ObjId)>, automerge::AutomergeError> {
-        match prop.into() {
-            automerge::Prop::Map(key)
-                if ReadDoc::object_type(self.doc, obj) == Ok(ObjType::Map) =>
-            {
-                Ok(self.map(obj).get(&key).cloned())
+        match (prop.into(), self.map(obj)) {
+            (automerge::Prop::Map(key), Some(map)) => {
+                Ok(map.get(&key).map(|(v, id, _)| (v.clone(), id.clone())))
             }
-            other => ReadDoc::get(self.doc, obj, other),
+            (other, _) => ReadDoc::get(self.doc, obj, other),
         }
     }
 
@@ -278,7 +300,8 @@ impl autosurgeon::ReadDoc for OnePass<'_> {
 /// Every attachment entry, concatenating all list objects at `attachments`
 /// (see the module docs for why there can be several). A missing key means
 /// no attachments; anything but lists of well-typed maps is `Malformed`.
-pub(crate) fn attachments(doc: &automerge::Automerge) -> Result<Vec<AttachmentRec>, CaseError> {
+pub(crate) fn attachments(reader: &OnePass<'_>) -> Result<Vec<AttachmentRec>, CaseError> {
+    let doc = reader.doc();
     let mut out = Vec::new();
     for (value, list) in doc.get_all(&automerge::ROOT, K_ATTACHMENTS)? {
         if !matches!(value, Value::Object(ObjType::List)) {
@@ -287,9 +310,10 @@ pub(crate) fn attachments(doc: &automerge::Automerge) -> Result<Vec<AttachmentRe
             )));
         }
         for idx in 0..doc.length(&list) {
-            let rec: AttachmentRec = autosurgeon::hydrate_prop(doc, &list, idx).map_err(|e| {
-                CaseError::Malformed(format!("attachment {} is not well-formed: {e}", idx + 1))
-            })?;
+            let rec: AttachmentRec =
+                autosurgeon::hydrate_prop(reader, &list, idx).map_err(|e| {
+                    CaseError::Malformed(format!("attachment {} is not well-formed: {e}", idx + 1))
+                })?;
             out.push(rec);
         }
     }

@@ -226,7 +226,8 @@ fn parse_status(s: &str) -> Result<Status, CaseError> {
 
 /// Build the full view of a case document.
 pub fn view(doc: &Automerge) -> Result<CaseView, CaseError> {
-    let c = hydrate_case(doc)?;
+    let reader = doc::OnePass::new(doc);
+    let c = hydrate_case(&reader)?;
     if c.schema != doc::SCHEMA {
         return Err(malformed(format!(
             "schema version {} is not supported (this node understands {})",
@@ -251,7 +252,7 @@ pub fn view(doc: &Automerge) -> Result<CaseView, CaseError> {
         )));
     }
     check_lengths(&c)?;
-    let attachments = doc::attachments(doc)?;
+    let attachments = doc::attachments(&reader)?;
     check_attachments(&attachments, proc)?;
     let mut checklist = Vec::with_capacity(proc.checklist.len());
     for def in proc.checklist {
@@ -288,7 +289,7 @@ pub fn view(doc: &Automerge) -> Result<CaseView, CaseError> {
         })
         .collect();
 
-    let conflicts = conflicts(doc, proc, &c.members)?;
+    let conflicts = conflicts(&reader, proc, &c.members)?;
     let conflicted = |item: &str| {
         conflicts
             .iter()
@@ -495,38 +496,26 @@ fn check_attachments(list: &[AttachmentRec], proc: &ProcedureDef) -> Result<(), 
 
 /// Find every scalar whose concurrent values disagree.
 fn conflicts(
-    doc: &Automerge,
+    reader: &doc::OnePass<'_>,
     proc: &'static super::ProcedureDef,
     members: &BTreeMap<String, doc::MemberRec>,
 ) -> Result<Vec<Conflict>, CaseError> {
+    let doc = reader.doc();
     let applicant = child_obj(doc, &ROOT, doc::K_APPLICANT, ObjType::Map)?;
     let fields = child_obj(doc, &ROOT, doc::K_FIELDS, ObjType::Map)?;
     let checklist = child_obj(doc, &ROOT, doc::K_CHECKLIST, ObjType::Map)?;
-    // One pass over each map finds the conflicted keys; a `get_all` per
-    // target would seek each key separately (a linear scan of the map's
-    // ops in automerge 0.12), which made this the costliest part of
-    // storing a case received in a first sync.
-    let conflicted_keys = |obj: &ObjId| -> std::collections::BTreeSet<String> {
-        doc.map_range(obj, ..)
-            .filter(|item| item.conflict)
-            .map(|item| item.key.into_owned())
-            .collect()
-    };
-    let (c_applicant, c_root, c_fields, c_checklist) = (
-        conflicted_keys(&applicant),
-        conflicted_keys(&ROOT),
-        conflicted_keys(&fields),
-        conflicted_keys(&checklist),
-    );
     let mut out = Vec::new();
     for t in all_targets(proc) {
-        let (obj, key, conflicted): (&ObjId, &str, _) = match t {
-            Target::Applicant(_, key) => (&applicant, key, &c_applicant),
-            Target::Assignee => (&ROOT, doc::K_ASSIGNEE, &c_root),
-            Target::Field(f) => (&fields, f.id, &c_fields),
-            Target::Doc(i) => (&checklist, i.id, &c_checklist),
+        let (obj, key): (&ObjId, &str) = match t {
+            Target::Applicant(_, key) => (&applicant, key),
+            Target::Assignee => (&ROOT, doc::K_ASSIGNEE),
+            Target::Field(f) => (&fields, f.id),
+            Target::Doc(i) => (&checklist, i.id),
         };
-        if !conflicted.contains(key) {
+        // Conflicted keys come from the one pass per map that hydration
+        // already made; a `get_all` per target would seek each key
+        // separately (a linear scan of the map's ops in automerge 0.12).
+        if !reader.is_conflicted(obj, key) {
             continue;
         }
         let all = doc.get_all(obj, key)?;
