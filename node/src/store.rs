@@ -1357,12 +1357,7 @@ impl Store {
         // [`Store::begin_batch`]): a refused document rolls back only
         // itself, and the batch's one COMMIT makes every merge durable
         // together. Outside a batch, the merge is its own batch.
-        let own_batch = !self.in_batch;
-        if own_batch {
-            self.begin_batch()?;
-        }
-        let result = self.merge_in_savepoint(peer, code, incoming, sync_state);
-        self.finish_own_batch(own_batch, result)
+        self.in_some_batch(|store| store.merge_in_savepoint(peer, code, incoming, sync_state))
     }
 
     /// Stores a case the peer sent whole, when it is new here: `saved`
@@ -1389,19 +1384,9 @@ impl Store {
                 "case {code} arrived as an empty document"
             )));
         }
-        let own_batch = !self.in_batch;
-        if own_batch {
-            self.begin_batch()?;
-        }
-        let result =
-            self.insert_whole_in_savepoint(peer, code, saved, heads, &projection, sync_state);
-        if own_batch {
-            match &result {
-                Ok(_) => self.end_batch()?,
-                Err(_) => self.abort_batch(),
-            }
-        }
-        result
+        self.in_some_batch(|store| {
+            store.insert_whole_in_savepoint(peer, code, saved, heads, &projection, sync_state)
+        })
     }
 
     fn insert_whole_in_savepoint(
@@ -1431,13 +1416,17 @@ impl Store {
         Ok(true)
     }
 
-    /// Ends the batch a merge opened for itself: commit on success, roll
-    /// back on failure.
-    fn finish_own_batch(
+    /// Runs `write` inside the caller's batch, or, outside one, in a batch
+    /// of its own that commits on success and rolls back on failure.
+    fn in_some_batch<T>(
         &mut self,
-        own_batch: bool,
-        result: Result<MergeOutcome, MergeError>,
-    ) -> Result<MergeOutcome, MergeError> {
+        write: impl FnOnce(&mut Self) -> Result<T, MergeError>,
+    ) -> Result<T, MergeError> {
+        let own_batch = !self.in_batch;
+        if own_batch {
+            self.begin_batch()?;
+        }
+        let result = write(self);
         if own_batch {
             match &result {
                 Ok(_) => self.end_batch()?,

@@ -14,8 +14,9 @@ fn frames(msgs: &[Message]) -> Vec<u8> {
 }
 
 /// A session over an empty node that has received a correct opening from
-/// the peer: hello, a cursor and an empty listing (one data message).
-fn opened(node: &mut MemoryNode) -> Session {
+/// the peer: hello, a cursor and a listing of `listed` that ends at `upto`
+/// (one data message).
+fn opened_with(node: &mut MemoryNode, listed: &[&str], upto: u64) -> Session {
     let mut s = Session::new(SessionConfig::default());
     s.start(&mut node.for_peer("peer")).unwrap();
     let bytes = frames(&[
@@ -30,16 +31,24 @@ fn opened(node: &mut MemoryNode) -> Session {
         },
         Message::ListingStart { after: 0 },
         Message::Changes {
-            entries: vec![],
+            entries: listed
+                .iter()
+                .map(|c| (CaseId::new(c).unwrap(), [3; 16]))
+                .collect(),
             end: Some(ChangesEnd {
                 store_id: [9; 16],
-                upto: 0,
+                upto,
             }),
         },
     ]);
     s.handle_bytes(&bytes, &mut node.for_peer("peer")).unwrap();
     assert_eq!(s.phase(), Phase::Sync);
     s
+}
+
+/// [`opened_with`] an empty listing.
+fn opened(node: &mut MemoryNode) -> Session {
+    opened_with(node, &[], 0)
 }
 
 #[test]
@@ -98,28 +107,7 @@ fn blobs_done_twice_is_a_protocol_error() {
 /// A session over an empty node whose peer listed `CEN-1`, which the node
 /// lacks; the node has asked for it whole.
 fn asked_for_cen_1(node: &mut MemoryNode) -> Session {
-    let mut s = Session::new(SessionConfig::default());
-    s.start(&mut node.for_peer("peer")).unwrap();
-    let bytes = frames(&[
-        Message::Hello(Hello {
-            version_min: PROTOCOL_VERSION,
-            version_max: PROTOCOL_VERSION,
-            live: false,
-        }),
-        Message::Since {
-            store_id: [9; 16],
-            seq: 0,
-        },
-        Message::ListingStart { after: 0 },
-        Message::Changes {
-            entries: vec![(CaseId::new("CEN-1").unwrap(), [3; 16])],
-            end: Some(ChangesEnd {
-                store_id: [9; 16],
-                upto: 1,
-            }),
-        },
-    ]);
-    s.handle_bytes(&bytes, &mut node.for_peer("peer")).unwrap();
+    let mut s = opened_with(node, &["CEN-1"], 1);
     let sent: Vec<Message> = std::iter::from_fn(|| s.poll_transmit())
         .map(|f| Message::decode(&f[4..]).unwrap())
         .collect();

@@ -92,6 +92,15 @@ fn start(node: &mut MemoryNode, peer: &str, config: SessionConfig) -> Session {
     s
 }
 
+/// A node that speaks only protocol 1 (an older build).
+fn protocol_1() -> SessionConfig {
+    SessionConfig {
+        version_min: 1,
+        version_max: 1,
+        ..SessionConfig::default()
+    }
+}
+
 fn sync_once(laptop: &mut MemoryNode, center: &mut MemoryNode) -> (Session, Session) {
     let mut l = start(laptop, "right", SessionConfig::default());
     let mut c = start(center, "left", SessionConfig::default());
@@ -306,11 +315,7 @@ fn an_old_laptop_and_a_newer_center_both_say_they_cannot_talk() {
     laptop
         .docs
         .insert(id("LAP-1"), new_case(1, "LAP-1", "0901"));
-    let old = SessionConfig {
-        version_min: 1,
-        version_max: 1,
-        ..SessionConfig::default()
-    };
+    let old = protocol_1();
     let new = SessionConfig {
         version_min: 2,
         version_max: 3,
@@ -471,11 +476,7 @@ fn a_laptop_speaking_protocol_1_still_gets_every_case_through_automerge() {
     laptop
         .docs
         .insert(id("LAP-1"), new_case(1, "LAP-1", "0901"));
-    let old = SessionConfig {
-        version_min: 1,
-        version_max: 1,
-        ..SessionConfig::default()
-    };
+    let old = protocol_1();
     let mut l = start(&mut laptop, "right", old);
     let mut c = start(&mut center, "left", SessionConfig::default());
     pump((&mut l, &mut laptop), (&mut c, &mut center), usize::MAX).unwrap();
@@ -510,11 +511,7 @@ fn a_peer_downgraded_to_protocol_1_costs_one_failed_sync_then_works() {
 
     // The laptop is replaced by an older build. The center's opening
     // already carried a protocol-2 listing the laptop cannot read.
-    let old = SessionConfig {
-        version_min: 1,
-        version_max: 1,
-        ..SessionConfig::default()
-    };
+    let old = protocol_1();
     let mut l = start(&mut laptop, "right", old.clone());
     let mut c = start(&mut center, "left", SessionConfig::default());
     c.fill(&mut center.for_peer("left")).unwrap();

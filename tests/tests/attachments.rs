@@ -357,18 +357,22 @@ fn an_id_photo_and_a_result_pdf_cross_village_3g_intact() -> Result<()> {
     Ok(())
 }
 
+/// Office Wi-Fi slowed to 8 Mbit/s: 4 MB take about four seconds, long
+/// enough to cut the link in the middle.
+fn slowed_wifi() -> LinkProfile {
+    LinkProfile {
+        bandwidth_bps: Some(8_000_000),
+        ..LinkProfile::good_wifi()
+    }
+}
+
 #[test]
 fn a_download_cut_midway_resumes_after_both_nodes_restart() -> Result<()> {
     setup();
     let (mut rng, seed) = seeded_rng("attachments resume", 0x5E5);
     let rt = runtime();
     let files = tempfile::tempdir()?;
-    // Office Wi-Fi slowed to 8 Mbit/s: 4 MB take about four seconds, long
-    // enough to cut the link in the middle.
-    let profile = LinkProfile {
-        bandwidth_bps: Some(8_000_000),
-        ..LinkProfile::good_wifi()
-    };
+    let profile = slowed_wifi();
     let Site {
         center,
         laptop,
@@ -499,10 +503,7 @@ fn a_blackout_longer_than_the_idle_timeout_is_resumed_by_the_same_sync() -> Resu
     let (mut rng, seed) = seeded_rng("attachments same-sync resume", 0x5E6);
     let rt = runtime();
     let files = tempfile::tempdir()?;
-    let profile = LinkProfile {
-        bandwidth_bps: Some(8_000_000),
-        ..LinkProfile::good_wifi()
-    };
+    let profile = slowed_wifi();
     let Site {
         center,
         laptop,
