@@ -645,6 +645,15 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             case: id.clone(),
             data: real_case(HANDSHAKE_CASE, 5).save(),
         },
+        Message::Part {
+            offset: 0,
+            last: false,
+            bytes: Message::CaseDoc {
+                case: id.clone(),
+                data: real_case(HANDSHAKE_CASE, 5).save(),
+            }
+            .encode(),
+        },
     ];
     for (i, m) in made.iter().enumerate() {
         out.push((

@@ -521,9 +521,10 @@ async fn drive(
     // wrote inline, two peers each blocked on the other's full receive
     // window would never read again (a flow-control deadlock). The bound
     // is what keeps a session's memory flat while it streams 100,000 cases.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(WRITE_QUEUE_FRAMES);
-    let mut writer = Some(tokio::spawn(write_frames(send, rx)));
-    let mut tx = Some(tx);
+    let (tx, rx) = tokio::sync::mpsc::channel::<(Vec<u8>, u32)>(WRITE_QUEUE_FRAMES);
+    let budget = Arc::new(tokio::sync::Semaphore::new(WRITE_QUEUE_BYTES));
+    let mut writer = Some(tokio::spawn(write_frames(send, rx, budget.clone())));
+    let mut tx = Some(WriteQueue { tx, budget });
     // Serve the peer's attachment requests for as long as the connection
     // lives; aborted when this session ends.
     let activity = transfer::Activity::default();
@@ -575,7 +576,7 @@ async fn drive(
                 tokio::select! {
                     room = async {
                         match tx.as_ref() {
-                            Some(queue) => queue.reserve().await.map(drop),
+                            Some(queue) => queue.room().await,
                             None => std::future::pending().await,
                         }
                     }, if wants_room => {
@@ -714,7 +715,7 @@ async fn drive(
             }
             if let Some(queue) = tx.take() {
                 while let Some(frame) = session.poll_transmit() {
-                    if queue.try_send(frame).is_err() {
+                    if queue.tx.try_send((frame, 0)).is_err() {
                         break;
                     }
                 }
@@ -795,7 +796,7 @@ async fn drive(
                     // the stream and waits (bounded) until the peer has it.
                     if let Some(queue) = tx.take() {
                         while let Some(frame) = session.poll_transmit() {
-                            if queue.send(frame).await.is_err() {
+                            if queue.tx.send((frame, 0)).await.is_err() {
                                 break;
                             }
                         }
@@ -817,20 +818,58 @@ async fn drive(
 /// Frames queued between a session and its stream writer.
 const WRITE_QUEUE_FRAMES: usize = 64;
 
+/// Bytes queued between a session and its stream writer (give or take
+/// one frame). The session decides which frame goes next when it hands
+/// one over (a small case may overtake the parts of a large one, see
+/// `Session::poll_transmit`); once queued, frames go out in order. So
+/// what sits here is how long a small case can wait behind a large one:
+/// 256 KiB is two seconds at 1 Mbit/s, against 64 frames of 16 KiB parts
+/// (a megabyte) with the frame count alone.
+const WRITE_QUEUE_BYTES: usize = 256 * 1024;
+
+/// The writer's queue: bounded in frames and in bytes. Each frame carries
+/// the byte permits it took, which the writer returns once it wrote it.
+struct WriteQueue {
+    tx: tokio::sync::mpsc::Sender<(Vec<u8>, u32)>,
+    budget: Arc<tokio::sync::Semaphore>,
+}
+
+impl WriteQueue {
+    /// Waits until a frame may be queued; `Err` when the writer is gone.
+    async fn room(&self) -> Result<(), ()> {
+        // The budget is never closed; a byte permit is free once one frame
+        // was written.
+        drop(self.budget.acquire().await);
+        self.tx.reserve().await.map(drop).map_err(drop)
+    }
+}
+
 /// Moves frames from the session to the writer queue while it has room,
 /// generating more from the store as needed.
 fn feed_writer(
     session: &mut Session,
-    queue: &tokio::sync::mpsc::Sender<Vec<u8>>,
+    queue: &WriteQueue,
     store: &mut Store,
     peer: &PeerRow,
 ) -> Result<(), SessionError> {
     loop {
-        let Ok(permit) = queue.try_reserve() else {
+        let available = queue.budget.available_permits();
+        if available == 0 {
+            return Ok(());
+        }
+        let Ok(permit) = queue.tx.try_reserve() else {
             return Ok(());
         };
         match session.poll_transmit() {
-            Some(frame) => permit.send(frame),
+            Some(frame) => {
+                // Take what the frame costs, or what is left: the queue
+                // overshoots its bound by at most one frame.
+                let taken = frame.len().min(available) as u32;
+                if let Ok(bytes) = queue.budget.try_acquire_many(taken) {
+                    bytes.forget();
+                }
+                permit.send((frame, taken))
+            }
             None if session.has_backlog() => {
                 drop(permit);
                 blocking(|| session.fill(&mut PeerStore::new(store, peer)))?;
@@ -848,10 +887,12 @@ fn feed_writer(
 /// connection is not closed under our last frames.
 async fn write_frames(
     mut send: quinn::SendStream,
-    mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    mut rx: tokio::sync::mpsc::Receiver<(Vec<u8>, u32)>,
+    budget: Arc<tokio::sync::Semaphore>,
 ) -> Result<(), quinn::WriteError> {
-    while let Some(frame) = rx.recv().await {
+    while let Some((frame, taken)) = rx.recv().await {
         send.write_all(&frame).await?;
+        budget.add_permits(taken as usize);
     }
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_millis(FINISH_TIMEOUT_MS), send.stopped()).await;

@@ -67,6 +67,26 @@ const WHOLE_DOCS_VERSION: u16 = 2;
 /// before the peer's cursor arrives.
 const OPTIMISTIC_LISTING_VERSION: u16 = 2;
 
+/// First protocol version with [`Message::Part`].
+const PARTS_VERSION: u16 = 3;
+
+/// Case messages whose payload is larger than this are sent in parts, so
+/// a large case shares the link with the small ones behind it instead of
+/// holding them back: at 1 Mbit/s an 8 MiB frame is a minute of nothing
+/// else. Below it, a message costs at most a fraction of a second.
+pub const SPLIT_ABOVE_BYTES: usize = 32 * 1024;
+
+/// Bytes of one [`Message::Part`]. Whole frames and parts alternate by
+/// bytes (see [`Session::poll_transmit`]), so a small message waits behind
+/// at most this much of a large one in our queue.
+pub const PART_BYTES: usize = 16 * 1024;
+
+/// Bytes of split messages generated ahead of the transport. Generating
+/// stops here until they are sent, as it does at
+/// [`OUTBOX_FRAMES_TARGET`] for whole frames, so memory stays bounded when
+/// many large cases are asked for at once.
+const LARGE_QUEUED_BYTES_MAX: usize = 2 * FRAME_BYTES_MAX;
+
 /// Largest saved document sent whole: what fits in one frame with its
 /// case id and lengths. A larger case is synced with Automerge instead.
 const CASE_DOC_BYTES_MAX: usize = FRAME_BYTES_MAX - 128;
@@ -121,6 +141,12 @@ pub struct SessionConfig {
     /// calls [`Session::handle_local_blobs_done`] when finished. Without
     /// it, this side announces at once that it fetches nothing.
     pub blob_transfer: bool,
+    /// Case messages above this many bytes are sent in parts (protocol 3;
+    /// [`SPLIT_ABOVE_BYTES`]). Tests lower it so that every case goes in
+    /// parts.
+    pub split_above_bytes: usize,
+    /// Bytes per part ([`PART_BYTES`]); at least 1.
+    pub part_bytes: usize,
 }
 
 impl Default for SessionConfig {
@@ -130,6 +156,8 @@ impl Default for SessionConfig {
             version_min: PROTOCOL_VERSION_MIN,
             version_max: PROTOCOL_VERSION,
             blob_transfer: false,
+            split_above_bytes: SPLIT_ABOVE_BYTES,
+            part_bytes: PART_BYTES,
         }
     }
 }
@@ -304,7 +332,15 @@ pub struct Session {
     version: u16,
     live: bool,
     decoder: FrameDecoder,
-    outbox: VecDeque<Vec<u8>>,
+    /// What to send, in order; see [`Session::poll_transmit`] for which
+    /// items may overtake which.
+    outbox: VecDeque<Outgoing>,
+    /// Payload bytes of the split messages in `outbox`.
+    large_bytes: usize,
+    /// Bytes of whole frames sent since the last part.
+    since_part: usize,
+    /// The split message being received, joined so far.
+    assembling: Vec<u8>,
     events: VecDeque<Event>,
     /// Our store's id, sent with our listing's end.
     store_id: StoreId,
@@ -372,6 +408,24 @@ pub struct Session {
     stats: SessionStats,
 }
 
+/// One item of the outbox.
+enum Outgoing {
+    /// A whole frame, length-prefixed.
+    Frame {
+        frame: Vec<u8>,
+        /// An [`Message::Idle`]: a barrier in the outbox.
+        idle: bool,
+    },
+    /// A case message sent in parts ([`Message::Part`]).
+    Large {
+        case: CaseId,
+        /// The encoded message.
+        payload: Vec<u8>,
+        /// Bytes of it already sent.
+        sent: usize,
+    },
+}
+
 impl Session {
     /// A session that has not started.
     pub fn new(config: SessionConfig) -> Self {
@@ -383,6 +437,9 @@ impl Session {
             live,
             decoder: FrameDecoder::new(),
             outbox: VecDeque::new(),
+            large_bytes: 0,
+            since_part: 0,
+            assembling: Vec::new(),
             events: VecDeque::new(),
             store_id: [0; 16],
             list_upto: 0,
@@ -512,8 +569,83 @@ impl Session {
     }
 
     /// The next frame to send, already length-prefixed.
+    ///
+    /// Frames leave in the order they were queued, with one exception: a
+    /// whole frame may overtake a message being sent in parts, and the
+    /// two alternate by bytes, so a large case takes at most half the link
+    /// while small ones are waiting. Nothing overtakes an
+    /// [`Message::Idle`], and it overtakes nothing: its counts describe
+    /// exactly the messages before it. Later messages for a case with a
+    /// split message queued are queued behind it (see [`Session::send`]),
+    /// so one case's messages never reorder.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.outbox.pop_front()
+        // Items before the first Idle may go in any order described above.
+        let window = self
+            .outbox
+            .iter()
+            .position(|o| matches!(o, Outgoing::Frame { idle: true, .. }))
+            .unwrap_or(self.outbox.len());
+        let first_large = self
+            .outbox
+            .iter()
+            .take(window)
+            .position(|o| matches!(o, Outgoing::Large { .. }));
+        let first_whole = self
+            .outbox
+            .iter()
+            .take(window)
+            .position(|o| matches!(o, Outgoing::Frame { .. }));
+        let take_part = match (first_large, first_whole) {
+            (Some(_), None) => true,
+            (Some(large), Some(whole)) => {
+                large < whole && self.since_part >= self.config.part_bytes
+            }
+            (None, _) => false,
+        };
+        if take_part {
+            let index = first_large.expect("take_part implies a split message");
+            self.since_part = 0;
+            return Some(self.next_part(index));
+        }
+        let frame = match first_whole {
+            Some(index) => self.outbox.remove(index),
+            None => self.outbox.pop_front(), // the Idle at the front
+        };
+        match frame? {
+            Outgoing::Frame { frame, .. } => {
+                self.since_part += frame.len();
+                Some(frame)
+            }
+            Outgoing::Large { .. } => unreachable!("only whole frames are taken here"),
+        }
+    }
+
+    /// Cuts the next part off the split message at `index`, dropping the
+    /// message once its last part is out.
+    fn next_part(&mut self, index: usize) -> Vec<u8> {
+        let Some(Outgoing::Large { payload, sent, .. }) = self.outbox.get_mut(index) else {
+            unreachable!("the caller found a split message at this index")
+        };
+        let offset = *sent;
+        let end = (offset + self.config.part_bytes.max(1)).min(payload.len());
+        let last = end == payload.len();
+        let bytes = payload[offset..end].to_vec();
+        *sent = end;
+        if last {
+            self.large_bytes -= payload.len();
+            self.outbox.remove(index);
+        }
+        let frame = encode_frame(
+            &Message::Part {
+                offset: offset as u64,
+                last,
+                bytes,
+            }
+            .encode(),
+        );
+        self.stats.frames_sent += 1;
+        self.stats.bytes_sent += frame.len() as u64;
+        frame
     }
 
     /// Generates more frames (listing batches, case offers) when the
@@ -530,7 +662,7 @@ impl Session {
         self.fail_on_err(result)
     }
 
-    /// True when frames are waiting in the outbox.
+    /// True when frames (or parts) are waiting in the outbox.
     pub fn has_queued(&self) -> bool {
         !self.outbox.is_empty()
     }
@@ -588,6 +720,10 @@ impl Session {
 
     fn fail_on_err(&mut self, result: Result<(), SessionError>) -> Result<(), SessionError> {
         if let Err(err) = &result {
+            // The peer gets the Goodbye after the small frames, not after
+            // megabytes of a case it can no longer use.
+            self.outbox.retain(|o| matches!(o, Outgoing::Frame { .. }));
+            self.large_bytes = 0;
             if let Some(goodbye) = err.goodbye() {
                 self.send(Message::Goodbye(goodbye));
             }
@@ -606,17 +742,102 @@ impl Session {
         ) {
             self.data_sent += 1;
         }
+        let payload = msg.encode();
+        let case = match &msg {
+            Message::CaseSync { case, .. } | Message::CaseDoc { case, .. } => Some(case),
+            _ => None,
+        };
+        if let Some(case) = case.filter(|_| self.version >= PARTS_VERSION) {
+            // Behind a split message for the same case, even a small one
+            // waits its turn: one case's messages keep their order.
+            let behind = self.outbox.iter().any(|o| match o {
+                Outgoing::Large { case: c, .. } => c == case,
+                Outgoing::Frame { .. } => false,
+            });
+            if behind || payload.len() > self.config.split_above_bytes {
+                self.large_bytes += payload.len();
+                self.outbox.push_back(Outgoing::Large {
+                    case: case.clone(),
+                    payload,
+                    sent: 0,
+                });
+                return;
+            }
+        }
         self.stats.frames_sent += 1;
-        let frame = encode_frame(&msg.encode());
+        let frame = encode_frame(&payload);
         self.stats.bytes_sent += frame.len() as u64;
-        self.outbox.push_back(frame);
+        self.outbox.push_back(Outgoing::Frame {
+            frame,
+            idle: matches!(msg, Message::Idle { .. }),
+        });
+    }
+
+    /// Joins a [`Message::Part`] to the message being received; the whole
+    /// message once the last part is in.
+    fn on_part(
+        &mut self,
+        offset: u64,
+        last: bool,
+        bytes: Vec<u8>,
+    ) -> Result<Option<Message>, SessionError> {
+        if self.phase != Phase::Sync || self.version < PARTS_VERSION {
+            return Err(SessionError::Protocol(format!(
+                "unexpected part message in phase {:?} of protocol {}",
+                self.phase, self.version
+            )));
+        }
+        if bytes.is_empty() && !last {
+            return Err(SessionError::Protocol("peer sent an empty part".into()));
+        }
+        // A part out of place would join into a message that may still
+        // decode, with damaged changes inside that Automerge skips without
+        // a word; the exchange would then ask for them forever.
+        if offset != self.assembling.len() as u64 {
+            return Err(SessionError::Protocol(format!(
+                "peer sent a part for offset {offset}; {} bytes of the message are in",
+                self.assembling.len()
+            )));
+        }
+        if self.assembling.len() + bytes.len() > FRAME_BYTES_MAX {
+            return Err(SessionError::Protocol(format!(
+                "peer's message in parts exceeds {FRAME_BYTES_MAX} bytes"
+            )));
+        }
+        self.assembling.extend_from_slice(&bytes);
+        if !last {
+            return Ok(None);
+        }
+        let whole = std::mem::take(&mut self.assembling);
+        match Message::decode(&whole)? {
+            msg @ (Message::CaseSync { .. } | Message::CaseDoc { .. }) => Ok(Some(msg)),
+            other => Err(SessionError::Protocol(format!(
+                "peer sent a {} message in parts; only case messages are split",
+                other.kind()
+            ))),
+        }
     }
 
     fn drain_frames(&mut self, store: &mut dyn CaseStore) -> Result<(), SessionError> {
         while let Some(payload) = self.decoder.next_frame()? {
             self.stats.frames_received += 1;
             self.stats.bytes_received += (payload.len() + crate::frame::FRAME_HEADER_BYTES) as u64;
-            let msg = Message::decode(&payload)?;
+            let msg = match Message::decode(&payload)? {
+                Message::Part {
+                    offset,
+                    last,
+                    bytes,
+                } => match self.on_part(offset, last, bytes)? {
+                    Some(whole) => whole,
+                    None => continue,
+                },
+                Message::Idle { .. } if !self.assembling.is_empty() => {
+                    return Err(SessionError::Protocol(
+                        "peer said Idle in the middle of a message in parts".into(),
+                    ));
+                }
+                msg => msg,
+            };
             if !matches!(msg, Message::CaseDoc { .. }) {
                 self.flush_docs(store)?;
             }
@@ -958,7 +1179,8 @@ impl Session {
     /// Generates listing batches and offers until the outbox holds
     /// [`OUTBOX_FRAMES_TARGET`] frames or nothing is left to generate.
     fn fill_inner(&mut self, store: &mut dyn CaseStore) -> Result<(), SessionError> {
-        while self.outbox.len() < OUTBOX_FRAMES_TARGET {
+        while self.outbox.len() < OUTBOX_FRAMES_TARGET && self.large_bytes < LARGE_QUEUED_BYTES_MAX
+        {
             if let (Some(after), false) = (self.list_after, self.list_done) {
                 let (page, last) =
                     store.changes_page(after, self.list_upto, CHANGES_ENTRIES_MAX)?;
@@ -1145,6 +1367,7 @@ impl Session {
             && self.wanted.is_empty()
             && self.in_flight.is_empty()
             && self.docs.is_empty()
+            && self.assembling.is_empty()
         {
             self.nothing_more_sent = true;
             self.events.push_back(Event::NothingMoreToReceive);

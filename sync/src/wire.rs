@@ -21,8 +21,9 @@ pub const HELLO_MAGIC: [u8; 4] = *b"FCSY";
 /// transfer ([`Message::Want`], [`Message::CaseDoc`]) for cases the
 /// receiver lacks, and listings that may start before the peer's cursor
 /// arrives ([`Message::ListingStart`]); with a version-1 peer the session
-/// does neither.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// does neither. Version 3 added [`Message::Part`]: a large case travels in
+/// parts between other messages instead of holding them all back.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Oldest protocol version this build still speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
@@ -216,6 +217,22 @@ pub enum Message {
         /// by incremental chunks), or nothing.
         data: Vec<u8>,
     },
+    /// One piece of a large [`Message::CaseSync`] or [`Message::CaseDoc`]
+    /// (protocol version 3). The pieces of one message arrive in order and
+    /// other frames may come between them, so a multi-megabyte case does
+    /// not hold back the small ones queued after it. The receiver joins the
+    /// pieces and handles the whole as if it had arrived in one frame, when
+    /// the `last` piece arrives; only then does it count as a data message.
+    /// One message is split at a time.
+    Part {
+        /// Where in the message these bytes go: the bytes received before
+        /// them. A part out of place is refused instead of joined.
+        offset: u64,
+        /// This piece completes the message.
+        last: bool,
+        /// The next bytes of the encoded message.
+        bytes: Vec<u8>,
+    },
     /// "I have processed everything you sent and have nothing to send."
     /// The counts let both sides agree that the session is quiescent even
     /// though messages cross in flight.
@@ -269,6 +286,7 @@ const TAG_BLOB_UNAVAILABLE: u8 = 10;
 const TAG_WANT: u8 = 11;
 const TAG_CASE_DOC: u8 = 12;
 const TAG_LISTING_START: u8 = 13;
+const TAG_PART: u8 = 14;
 
 /// Why a frame payload is not a valid message.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -360,6 +378,16 @@ impl Message {
                 w.push(TAG_CASE_DOC);
                 put_bytes(&mut w, case.as_str().as_bytes());
                 put_bytes(&mut w, data);
+            }
+            Message::Part {
+                offset,
+                last,
+                bytes,
+            } => {
+                w.push(TAG_PART);
+                put_varint(&mut w, *offset);
+                w.push(u8::from(*last));
+                put_bytes(&mut w, bytes);
             }
             Message::Idle { received, sent } => {
                 w.push(TAG_IDLE);
@@ -482,6 +510,16 @@ impl Message {
                 let data = r.bytes()?.to_vec();
                 Message::CaseDoc { case, data }
             }
+            TAG_PART => {
+                let offset = r.varint()?;
+                let last = r.bool()?;
+                let bytes = r.bytes()?.to_vec();
+                Message::Part {
+                    offset,
+                    last,
+                    bytes,
+                }
+            }
             TAG_IDLE => Message::Idle {
                 received: r.varint()?,
                 sent: r.varint()?,
@@ -545,6 +583,7 @@ impl Message {
             Message::ListingStart { .. } => "listing-start",
             Message::Want { .. } => "want",
             Message::CaseDoc { .. } => "case-doc",
+            Message::Part { .. } => "part",
             Message::Idle { .. } => "idle",
             Message::Goodbye(_) => "goodbye",
             Message::BlobsDone => "blobs-done",

@@ -182,3 +182,165 @@ fn a_peer_that_claims_to_be_done_without_sending_a_requested_case_is_caught() {
         "{err}"
     );
 }
+
+/// Feeds `msgs` to a freshly opened session and returns its error.
+fn error_after(msgs: &[Message]) -> SessionError {
+    let mut node = MemoryNode::default();
+    let mut s = asked_for_cen_1(&mut node);
+    let err = s
+        .handle_bytes(&frames(msgs), &mut node.for_peer("peer"))
+        .unwrap_err();
+    assert!(err.is_peer_fault(), "{err}");
+    assert!(s.is_closed());
+    assert!(node.docs.is_empty(), "nothing was stored");
+    err
+}
+
+fn part(offset: usize, last: bool, bytes: &[u8]) -> Message {
+    Message::Part {
+        offset: offset as u64,
+        last,
+        bytes: bytes.to_vec(),
+    }
+}
+
+#[test]
+fn parts_that_join_into_anything_but_a_case_message_are_a_protocol_error() {
+    let idle = Message::Idle {
+        received: 0,
+        sent: 1,
+    }
+    .encode();
+    let err = error_after(&[part(0, false, &idle[..1]), part(1, true, &idle[1..])]);
+    assert!(
+        matches!(&err, SessionError::Protocol(r) if r.contains("only case messages")),
+        "{err}"
+    );
+    let nested = part(0, true, b"x").encode();
+    let err = error_after(&[part(0, true, &nested)]);
+    assert!(
+        matches!(&err, SessionError::Protocol(r) if r.contains("only case messages")),
+        "{err}"
+    );
+}
+
+#[test]
+fn parts_adding_up_to_more_than_a_frame_are_refused_before_they_are_buffered() {
+    let chunk = vec![0u8; 1024 * 1024];
+    let msgs: Vec<Message> = (0..9)
+        .map(|i| part(i * chunk.len(), false, &chunk))
+        .collect();
+    let err = error_after(&msgs);
+    assert!(
+        matches!(&err, SessionError::Protocol(r) if r.contains("exceeds")),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_idle_or_an_empty_part_in_the_middle_of_a_split_message_is_a_protocol_error() {
+    let doc = Message::CaseDoc {
+        case: CaseId::new("CEN-1").unwrap(),
+        data: vec![7; 100],
+    }
+    .encode();
+    let err = error_after(&[
+        part(0, false, &doc[..50]),
+        Message::Idle {
+            received: 2,
+            sent: 1,
+        },
+    ]);
+    assert!(
+        matches!(&err, SessionError::Protocol(r) if r.contains("middle")),
+        "{err}"
+    );
+    let err = error_after(&[part(0, false, &doc[..50]), part(50, false, &[])]);
+    assert!(
+        matches!(&err, SessionError::Protocol(r) if r.contains("empty part")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_protocol_2_peer_cannot_send_parts() {
+    let mut node = MemoryNode::default();
+    let mut s = Session::new(SessionConfig::default());
+    s.start(&mut node.for_peer("peer")).unwrap();
+    let err = s
+        .handle_bytes(
+            &frames(&[
+                Message::Hello(Hello {
+                    version_min: 1,
+                    version_max: 2,
+                    live: false,
+                }),
+                part(0, true, b"x"),
+            ]),
+            &mut node.for_peer("peer"),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, SessionError::Protocol(r) if r.contains("unexpected part")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_case_asked_for_whole_may_arrive_in_parts() {
+    let mut node = MemoryNode::default();
+    let mut s = asked_for_cen_1(&mut node);
+    let mut doc = automerge::Automerge::new();
+    {
+        use automerge::transaction::Transactable;
+        let mut tx = doc.transaction();
+        tx.put(automerge::ROOT, "code", "CEN-1").unwrap();
+        tx.commit();
+    }
+    let whole = Message::CaseDoc {
+        case: CaseId::new("CEN-1").unwrap(),
+        data: doc.save(),
+    }
+    .encode();
+    let (a, b) = whole.split_at(whole.len() / 2);
+    s.handle_bytes(&frames(&[part(0, false, a)]), &mut node.for_peer("peer"))
+        .unwrap();
+    assert!(node.docs.is_empty(), "half a case is not a case");
+    s.handle_bytes(
+        &frames(&[part(a.len(), true, b)]),
+        &mut node.for_peer("peer"),
+    )
+    .unwrap();
+    assert_eq!(
+        node.docs[&CaseId::new("CEN-1").unwrap()].get_heads(),
+        doc.get_heads()
+    );
+}
+
+#[test]
+fn a_swapped_or_repeated_part_is_refused_instead_of_joined_into_damaged_changes() {
+    let doc = Message::CaseDoc {
+        case: CaseId::new("CEN-1").unwrap(),
+        data: vec![7; 300],
+    }
+    .encode();
+    let (a, rest) = doc.split_at(100);
+    let (b, c) = rest.split_at(100);
+    // The middle part arrives before the first...
+    let err = error_after(&[part(100, false, b), part(0, false, a), part(200, true, c)]);
+    assert!(
+        matches!(&err, SessionError::Protocol(r) if r.contains("offset 100")),
+        "{err}"
+    );
+    // ... or twice.
+    let err = error_after(&[
+        part(0, false, a),
+        part(0, false, a),
+        part(100, false, b),
+        part(200, true, c),
+    ]);
+    assert!(
+        matches!(&err, SessionError::Protocol(r) if r.contains("offset 0")),
+        "{err}"
+    );
+}

@@ -36,6 +36,16 @@ fn message() -> impl Strategy<Value = Message> {
         any::<u64>().prop_map(|after| Message::ListingStart { after }),
         (case_id(), prop::collection::vec(any::<u8>(), 0..2000))
             .prop_map(|(case, data)| Message::CaseDoc { case, data }),
+        (
+            any::<u64>(),
+            any::<bool>(),
+            prop::collection::vec(any::<u8>(), 0..2000)
+        )
+            .prop_map(|(offset, last, bytes)| Message::Part {
+                offset,
+                last,
+                bytes
+            }),
         (any::<u64>(), any::<u64>()).prop_map(|(received, sent)| Message::Idle { received, sent }),
         Just(Message::BlobsDone),
         (any::<[u8; 32]>(), any::<u64>())

@@ -1184,12 +1184,27 @@ impl Sim {
         // Sometimes only one side asks for live: the other follows.
         let live_sides = [live && self.rng.random_bool(0.7), live];
         let blob = [self.rng.random_bool(0.3), self.rng.random_bool(0.3)];
+        // Half the sessions send nearly every case message in tiny parts,
+        // so the ordering rules of split messages (nothing overtakes an
+        // Idle, one case's messages keep their order) meet cuts, crashes,
+        // corrupted streams and live edits. Real thresholds would never
+        // split a sim case.
+        let split = [(); 2].map(|()| {
+            self.rng
+                .random_bool(0.5)
+                .then(|| (self.rng.random_range(0..600), self.rng.random_range(1..200)))
+        });
         let mut sessions = Vec::with_capacity(2);
         for (side, (me, peer)) in [(a, b), (b, a)].into_iter().enumerate() {
+            let defaults = SessionConfig::default();
+            let (split_above_bytes, part_bytes) =
+                split[side].unwrap_or((defaults.split_above_bytes, defaults.part_bytes));
             let mut s = Session::new(SessionConfig {
                 live: live_sides[side],
                 blob_transfer: blob[side],
-                ..SessionConfig::default()
+                split_above_bytes,
+                part_bytes,
+                ..defaults
             });
             let peer_name = self.replicas[peer].name;
             s.start(&mut self.replicas[me].node.for_peer(peer_name))
