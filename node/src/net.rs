@@ -1021,6 +1021,16 @@ pub async fn sync_resuming(
     }
 }
 
+/// The endpoint of one outgoing sync (see
+/// [`identity::client_endpoint_config`]).
+fn client_endpoint(bind: SocketAddr) -> Result<quinn::Endpoint, NetError> {
+    let err = |source| NetError::Bind { addr: bind, source };
+    let socket = std::net::UdpSocket::bind(bind).map_err(err)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| err(std::io::Error::other("no async runtime found")))?;
+    quinn::Endpoint::new(identity::client_endpoint_config(), None, socket, runtime).map_err(err)
+}
+
 /// Connects to `peer`, checks it is the node we pinned, and runs a session.
 pub async fn sync_with(
     home: &Path,
@@ -1045,8 +1055,7 @@ pub async fn sync_with(
     } else {
         "0.0.0.0:0".parse().expect("literal")
     };
-    let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
+    let mut endpoint = client_endpoint(bind)?;
     endpoint.set_default_client_config(identity::client_config(&identity)?);
     let unreachable = |reason: String| NetError::Unreachable {
         peer: peer.name.clone(),
