@@ -58,7 +58,7 @@ pub const CONNECT_TIMEOUT_MS: u64 = 10_000;
 /// this bounds a peer that stalls on purpose.
 pub const SESSION_STALL_TIMEOUT_MS: u64 = 60_000;
 
-/// How long a finished client lingers so its close frame leaves.
+/// Longest a finished client waits for its close frame to leave.
 pub const CLOSE_LINGER_MS: u64 = 20;
 
 /// How long to wait for the peer to finish its side after we finished ours.
@@ -523,7 +523,13 @@ async fn drive(
     // is what keeps a session's memory flat while it streams 100,000 cases.
     let (tx, rx) = tokio::sync::mpsc::channel::<(Vec<u8>, u32)>(WRITE_QUEUE_FRAMES);
     let budget = Arc::new(tokio::sync::Semaphore::new(WRITE_QUEUE_BYTES));
-    let mut writer = Some(tokio::spawn(write_frames(send, rx, budget.clone())));
+    let peer_ended = Arc::new(tokio::sync::Notify::new());
+    let mut writer = Some(tokio::spawn(write_frames(
+        send,
+        rx,
+        budget.clone(),
+        peer_ended.clone(),
+    )));
     let mut tx = Some(WriteQueue { tx, budget });
     // Serve the peer's attachment requests for as long as the connection
     // lives; aborted when this session ends.
@@ -601,7 +607,10 @@ async fn drive(
                             // The peer closed after we both converged: done.
                             Ok(Err(quinn::ReadError::ConnectionLost(
                                 quinn::ConnectionError::ApplicationClosed(c),
-                            ))) if we_finished && c.error_code == CLOSE_DONE.into() => break,
+                            ))) if we_finished && c.error_code == CLOSE_DONE.into() => {
+                                peer_ended.notify_one();
+                                break;
+                            }
                             Ok(Err(e)) => return Err(read_error(&name, e)),
                             Ok(Ok(Some(n))) => blocking(|| {
                                 // One transaction for everything these bytes
@@ -628,6 +637,11 @@ async fn drive(
                             Ok(Ok(None)) => {
                                 let r = session.handle_peer_finished();
                                 if r.is_ok() && we_finished {
+                                    // A peer finishes its stream only once
+                                    // its own session finished: it holds
+                                    // everything it needs from us, so the
+                                    // ACK of our FIN need not be awaited.
+                                    peer_ended.notify_one();
                                     break;
                                 }
                                 if r.is_ok() {
@@ -884,18 +898,26 @@ fn feed_writer(
 
 /// Writes queued frames to the stream; when the queue closes, finishes
 /// the stream and waits (bounded) until the peer has read it all, so the
-/// connection is not closed under our last frames.
+/// connection is not closed under our last frames. That wait ends early
+/// when `peer_ended` is notified: the peer finished its own stream after
+/// its session finished, so nothing we still have in flight (at most our
+/// FIN and frames a finished session ignores) is needed, and waiting for
+/// the ACK of our FIN would cost a round trip plus the peer's ACK delay.
 async fn write_frames(
     mut send: quinn::SendStream,
     mut rx: tokio::sync::mpsc::Receiver<(Vec<u8>, u32)>,
     budget: Arc<tokio::sync::Semaphore>,
+    peer_ended: Arc<tokio::sync::Notify>,
 ) -> Result<(), quinn::WriteError> {
     while let Some((frame, taken)) = rx.recv().await {
         send.write_all(&frame).await?;
         budget.add_permits(taken as usize);
     }
     let _ = send.finish();
-    let _ = tokio::time::timeout(Duration::from_millis(FINISH_TIMEOUT_MS), send.stopped()).await;
+    tokio::select! {
+        _ = tokio::time::timeout(Duration::from_millis(FINISH_TIMEOUT_MS), send.stopped()) => {}
+        _ = peer_ended.notified() => {}
+    }
     Ok(())
 }
 
@@ -1031,6 +1053,25 @@ fn client_endpoint(bind: SocketAddr) -> Result<quinn::Endpoint, NetError> {
     quinn::Endpoint::new(identity::client_endpoint_config(), None, socket, runtime).map_err(err)
 }
 
+/// Closes `conn` and waits (at most [`CLOSE_LINGER_MS`]) until the
+/// datagram carrying the close has been handed to the socket, so that a
+/// process exiting right after still tells the peer. Waiting for the
+/// endpoint to be idle would add QUIC's drain period (three probe
+/// timeouts) to every sync; the peer needs no more than the close frame,
+/// and a lost one only makes it notice through its idle timeout. After a
+/// close quinn sends nothing but the close, so the first datagram counted
+/// after the close call is that one. The count is taken just before the
+/// call: taken after it, the driver (woken by the call on another core)
+/// had sometimes sent the close already, and the wait ran to its bound.
+async fn close_and_send(conn: &quinn::Connection, code: u32, reason: &[u8]) {
+    let sent = conn.stats().udp_tx.datagrams;
+    conn.close(code.into(), reason);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(CLOSE_LINGER_MS);
+    while conn.stats().udp_tx.datagrams == sent && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Connects to `peer`, checks it is the node we pinned, and runs a session.
 pub async fn sync_with(
     home: &Path,
@@ -1119,18 +1160,17 @@ pub async fn sync_with(
     }
     .await;
     match &result {
-        Ok(_) => conn.close(CLOSE_DONE.into(), b"done"),
-        Err(e) => conn.close(
-            CLOSE_LOCAL_FAULT.into(),
-            truncate(&e.to_string()).as_bytes(),
-        ),
+        Ok(_) => close_and_send(&conn, CLOSE_DONE, b"done").await,
+        Err(e) => {
+            close_and_send(
+                &conn,
+                CLOSE_LOCAL_FAULT,
+                truncate(&e.to_string()).as_bytes(),
+            )
+            .await
+        }
     }
-    // Give the close frame a moment to leave. Waiting for the endpoint to
-    // be fully idle would add QUIC's drain period (three probe timeouts)
-    // to every sync; the peer needs no more than the close frame, and a
-    // lost one only makes it notice through its idle timeout.
-    let _ =
-        tokio::time::timeout(Duration::from_millis(CLOSE_LINGER_MS), endpoint.wait_idle()).await;
+    drop(endpoint);
     result.map(|(stats, blobs)| SyncReport {
         peer: peer.name.clone(),
         stats,
