@@ -638,9 +638,11 @@ async fn drive(
                                 let r = session.handle_peer_finished();
                                 if r.is_ok() && we_finished {
                                     // A peer finishes its stream only once
-                                    // its own session finished: it holds
-                                    // everything it needs from us, so the
-                                    // ACK of our FIN need not be awaited.
+                                    // its own session finished (or after a
+                                    // Goodbye, which failed ours before
+                                    // this): it holds everything it needs
+                                    // from us, so the ACK of our FIN need
+                                    // not be awaited.
                                     peer_ended.notify_one();
                                     break;
                                 }
