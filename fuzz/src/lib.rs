@@ -645,6 +645,16 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             case: id.clone(),
             data: real_case(HANDSHAKE_CASE, 5).save(),
         },
+        Message::CasePush {
+            case: id.clone(),
+            data: {
+                use automerge::sync::SyncDoc;
+                real_case(HANDSHAKE_CASE, 5)
+                    .generate_sync_message(&mut automerge::sync::State::new())
+                    .expect("a first message")
+                    .encode()
+            },
+        },
         Message::Part {
             offset: 0,
             last: false,

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use automerge::{Automerge, ChangeHash};
-use fieldcase_sync::store::{load_whole, whole_doc_sync_state, Adopted, ChangedCase, WholeDoc};
+use fieldcase_sync::store::{
+    load_whole, whole_doc_sync_state, Adopted, ChangedCase, ListedUpto, WholeDoc,
+};
 use fieldcase_sync::wire::StoreId;
 use fieldcase_sync::{
     CaseId, CaseStore, CommitError, CommitOutcome, Event, Session, SessionConfig, SessionError,
@@ -333,11 +335,11 @@ impl CaseStore for PeerStore<'_> {
             .map_err(fault)
     }
 
-    fn listed_upto(&mut self) -> Result<Option<u64>, StoreFault> {
+    fn listed_upto(&mut self) -> Result<Option<ListedUpto>, StoreFault> {
         self.store.listed_upto(&self.peer_id).map_err(fault)
     }
 
-    fn save_listed_upto(&mut self, upto: Option<u64>) -> Result<(), StoreFault> {
+    fn save_listed_upto(&mut self, upto: Option<ListedUpto>) -> Result<(), StoreFault> {
         self.store
             .save_listed_upto(&self.peer_id, upto)
             .map_err(fault)

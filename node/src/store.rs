@@ -60,6 +60,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use automerge::{Automerge, ChangeHash};
+use fieldcase_sync::store::ListedUpto;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
 /// A case gets a fresh snapshot once it has more than this many incremental
@@ -1252,17 +1253,37 @@ impl Store {
 
     /// How far `peer` had seen this store at the last convergence (see
     /// `CaseStore::listed_upto` in `fieldcase-sync`): a hint kept in `meta`.
-    pub fn listed_upto(&self, peer: &str) -> Result<Option<u64>, StoreError> {
-        Ok(self
-            .meta_get(&listed_key(peer))?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-            .map(u64::from_be_bytes))
+    /// Stored as the sequence number and the protocol version (8 + 2 bytes,
+    /// big-endian); 8 bytes alone were written by builds that spoke at most
+    /// protocol 3, when only version 2 and up could be remembered, so they
+    /// read as version 2.
+    pub fn listed_upto(&self, peer: &str) -> Result<Option<ListedUpto>, StoreError> {
+        let Some(v) = self.meta_get(&listed_key(peer))? else {
+            return Ok(None);
+        };
+        let seq = |b: &[u8]| <[u8; 8]>::try_from(b).ok().map(u64::from_be_bytes);
+        Ok(match v.len() {
+            8 => seq(&v).map(|seq| ListedUpto { seq, version: 2 }),
+            10 => seq(&v[..8]).map(|seq| ListedUpto {
+                seq,
+                version: u16::from_be_bytes([v[8], v[9]]),
+            }),
+            _ => None,
+        })
     }
 
     /// Remembers or forgets [`Store::listed_upto`].
-    pub fn save_listed_upto(&mut self, peer: &str, upto: Option<u64>) -> Result<(), StoreError> {
+    pub fn save_listed_upto(
+        &mut self,
+        peer: &str,
+        upto: Option<ListedUpto>,
+    ) -> Result<(), StoreError> {
         match upto {
-            Some(seq) => self.meta_set(&listed_key(peer), &seq.to_be_bytes()),
+            Some(ListedUpto { seq, version }) => {
+                let mut v = seq.to_be_bytes().to_vec();
+                v.extend_from_slice(&version.to_be_bytes());
+                self.meta_set(&listed_key(peer), &v)
+            }
             None => {
                 self.conn
                     .execute("DELETE FROM meta WHERE key = ?1", [listed_key(peer)])

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use automerge::{Automerge, ChangeHash};
 
-use crate::store::{CaseStore, ChangedCase, CommitError, CommitOutcome, StoreFault};
+use crate::store::{CaseStore, ChangedCase, CommitError, CommitOutcome, ListedUpto, StoreFault};
 use crate::wire::{CaseId, StoreId};
 
 /// Decides whether a merged document is acceptable; `Err` explains why not.
@@ -29,7 +29,7 @@ pub struct MemoryNode {
     /// Persisted cursor per peer.
     pub cursors: BTreeMap<String, (StoreId, u64)>,
     /// Per peer, how far it had seen this store at the last convergence.
-    pub listed: BTreeMap<String, u64>,
+    pub listed: BTreeMap<String, ListedUpto>,
     /// This store's id; all zero unless a test sets it (set distinct ids
     /// when nodes should tell each other's stores apart).
     pub store_id: StoreId,
@@ -142,11 +142,11 @@ impl CaseStore for PeerView<'_> {
         Ok(())
     }
 
-    fn listed_upto(&mut self) -> Result<Option<u64>, StoreFault> {
+    fn listed_upto(&mut self) -> Result<Option<ListedUpto>, StoreFault> {
         Ok(self.node.listed.get(&self.peer).copied())
     }
 
-    fn save_listed_upto(&mut self, upto: Option<u64>) -> Result<(), StoreFault> {
+    fn save_listed_upto(&mut self, upto: Option<ListedUpto>) -> Result<(), StoreFault> {
         match upto {
             Some(seq) => self.node.listed.insert(self.peer.clone(), seq),
             None => self.node.listed.remove(&self.peer),

@@ -47,14 +47,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use automerge::sync::{Message as AmMessage, State as AmState, SyncDoc};
+use automerge::sync::{BloomFilter, Have, Message as AmMessage, State as AmState, SyncDoc};
 use automerge::{Automerge, ChangeHash};
 use thiserror::Error;
 
 use crate::frame::FRAME_BYTES_MAX;
 use crate::frame::{encode_frame, FrameDecoder, FrameError};
 use crate::inventory::heads_hash;
-use crate::store::{Adopted, CaseStore, CommitError, StoreFault, WholeDoc};
+use crate::store::{Adopted, CaseStore, CommitError, ListedUpto, StoreFault, WholeDoc};
 use crate::wire::{
     CaseId, ChangesEnd, DecodeError, Goodbye, GoodbyeCode, HeadsHash, Hello, Message, StoreId,
     CHANGES_ENTRIES_MAX, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, WANT_CASES_MAX,
@@ -69,6 +69,20 @@ const OPTIMISTIC_LISTING_VERSION: u16 = 2;
 
 /// First protocol version with [`Message::Part`].
 const PARTS_VERSION: u16 = 3;
+
+/// First protocol version with [`Message::CasePush`].
+const PUSH_VERSION: u16 = 4;
+
+/// Listed cases one session pushes at most. A reconnect with a handful of
+/// changed cases pushes them all; past this, the peer asks for the rest
+/// the usual way, so the sync states held for pushes stay bounded.
+pub const PUSHES_MAX: usize = 512;
+
+/// Exchanges that ended without an answer (see [`Message::CasePush`])
+/// whose shared heads a session records at convergence. Past this, a
+/// case's stored state stays where it was: its next exchange costs a
+/// message more, nothing else.
+const UNANSWERED_MAX: usize = 65_536;
 
 /// Case messages whose payload is larger than this are sent in parts, so
 /// a large case shares the link with the small ones behind it instead of
@@ -356,6 +370,23 @@ pub struct Session {
     list_from: u64,
     /// We started listing before the peer's cursor arrived.
     optimistic: bool,
+    /// The protocol version remembered with that listing position (what
+    /// the peer spoke when we last converged); 0 if none.
+    remembered_version: u16,
+    /// Cases we pushed ([`Message::CasePush`]) in this session; not
+    /// offered when the peer lists them, since the push started their
+    /// exchange.
+    pushed: BTreeSet<CaseId>,
+    /// Of those, the ones the peer has not answered, with the heads we
+    /// pushed: recorded as shared with the peer once the session converges.
+    pushed_unanswered: BTreeMap<CaseId, Vec<ChangeHash>>,
+    /// We pushed before the peer's hello said which version it speaks.
+    pushed_before_hello: bool,
+    /// The peer's cursor named our store: it has synced with us before.
+    peer_knows_us: bool,
+    /// Cases the peer pushed to us while its listing was open; not offered
+    /// when their entries arrive (the push started their exchange).
+    pushes_received: BTreeSet<CaseId>,
     /// Entries our listings carried so far.
     listed_entries: u64,
     /// The cursor we sent the peer (the sequence number of its store we
@@ -447,6 +478,12 @@ impl Session {
             list_done: false,
             list_from: 0,
             optimistic: false,
+            remembered_version: 0,
+            pushed: BTreeSet::new(),
+            pushed_unanswered: BTreeMap::new(),
+            pushed_before_hello: false,
+            peer_knows_us: false,
+            pushes_received: BTreeSet::new(),
             listed_entries: 0,
             since_sent: ([0; 16], 0),
             peer_listing_from: None,
@@ -498,13 +535,14 @@ impl Session {
         });
         // A remembered position beyond our counter (our store was restored
         // from an older copy) is no position at all.
-        let remembered = store.listed_upto()?.filter(|&r| r <= self.list_upto);
-        if let (Some(after), true) = (
+        let remembered = store.listed_upto()?.filter(|r| r.seq <= self.list_upto);
+        if let (Some(r), true) = (
             remembered,
             self.config.version_max >= OPTIMISTIC_LISTING_VERSION,
         ) {
             self.optimistic = true;
-            self.start_listing(after);
+            self.remembered_version = r.version;
+            self.start_listing(r.seq);
         }
         Ok(())
     }
@@ -737,6 +775,7 @@ impl Session {
             msg,
             Message::Changes { .. }
                 | Message::CaseSync { .. }
+                | Message::CasePush { .. }
                 | Message::Want { .. }
                 | Message::CaseDoc { .. }
         ) {
@@ -876,6 +915,10 @@ impl Session {
                 self.data_received += 1;
                 self.on_case_sync(case, data, store)
             }
+            (Phase::Sync, Message::CasePush { case, data }) if self.version >= PUSH_VERSION => {
+                self.data_received += 1;
+                self.on_case_push(case, data, store)
+            }
             (Phase::Sync, Message::Want { cases }) if self.version >= WHOLE_DOCS_VERSION => {
                 self.data_received += 1;
                 self.on_want(cases)
@@ -951,6 +994,14 @@ impl Session {
                  the next sync will work"
             )));
         }
+        if self.pushed_before_hello && high < PUSH_VERSION {
+            // The same for changes we pushed in our first flight.
+            store.save_listed_upto(None)?;
+            return Err(SessionError::Protocol(format!(
+                "the peer now speaks protocol {high}, too old for the changes we opened with; \
+                 the next sync will work"
+            )));
+        }
         self.events.push_back(Event::Connected {
             version: high,
             live: self.live,
@@ -985,6 +1036,7 @@ impl Session {
         } else {
             0
         };
+        self.peer_knows_us = store_id == self.store_id && seq > 0;
         if std::mem::replace(&mut self.optimistic, false) {
             if !listing_covers(self.list_from, self.store_id, (store_id, seq)) {
                 // The peer has seen less than we remembered: list again
@@ -1032,6 +1084,10 @@ impl Session {
             ));
         }
         for (case, hash) in entries {
+            // A case pushed either way has its exchange running already.
+            if self.pushed.contains(&case) || self.pushes_received.contains(&case) {
+                continue;
+            }
             match store.heads(&case)? {
                 Some(ours) if heads_hash(&ours) == hash => {}
                 Some(_) => self.queue_offer(case)?,
@@ -1046,7 +1102,10 @@ impl Session {
                 // what we lack; the peer restarts it from our cursor.
                 self.peer_listing_from = None;
             }
-            (Some(end), _) => self.peer_end = Some(end),
+            (Some(end), _) => {
+                self.peer_end = Some(end);
+                self.pushes_received.clear();
+            }
         }
         Ok(())
     }
@@ -1184,6 +1243,14 @@ impl Session {
             if let (Some(after), false) = (self.list_after, self.list_done) {
                 let (page, last) =
                     store.changes_page(after, self.list_upto, CHANGES_ENTRIES_MAX)?;
+                if self.may_push() {
+                    for changed in &page {
+                        if self.pushed.len() >= PUSHES_MAX {
+                            break;
+                        }
+                        self.try_push(&changed.case, store)?;
+                    }
+                }
                 let entries: Vec<(CaseId, HeadsHash)> = page
                     .into_iter()
                     .map(|c| (c.case, heads_hash(&c.heads)))
@@ -1265,14 +1332,30 @@ impl Session {
         doc: &Automerge,
         store: &mut dyn CaseStore,
     ) -> Result<(), SessionError> {
+        let no_answer_rule = self.version >= PUSH_VERSION;
         let state = self.state_for(case, store)?;
         match doc.generate_sync_message(state) {
             Some(msg) => {
+                // The peer holds nothing we lack (we know all its heads),
+                // and this message brings it everything it lacks: it will
+                // be at our heads and, in protocol 4, say nothing. Then the
+                // exchange is over on our side too; should a Bloom filter
+                // false positive leave it short, it answers and we go on
+                // from the stored state.
+                let done = no_answer_rule
+                    && state
+                        .their_heads
+                        .as_ref()
+                        .is_some_and(|h| automerge::ReadDoc::get_missing_deps(doc, h).is_empty());
                 if !msg.changes.is_empty() {
                     self.stats.cases_sent.insert(case.clone());
                 }
                 self.stats.case_messages_sent += 1;
-                self.in_flight.insert(case.clone());
+                if done {
+                    self.finish_unanswered(case, doc.get_heads());
+                } else {
+                    self.in_flight.insert(case.clone());
+                }
                 self.send(Message::CaseSync {
                     case: case.clone(),
                     data: msg.encode(),
@@ -1297,17 +1380,147 @@ impl Session {
         Ok(())
     }
 
+    /// Our last message for `case` leaves the peer at `heads`, with
+    /// nothing to answer: the exchange is over on our side. Its state is
+    /// dropped (memory follows exchanges in flight) and, once the session
+    /// converges, stored as shared at `heads`.
+    fn finish_unanswered(&mut self, case: &CaseId, heads: Vec<ChangeHash>) {
+        self.in_flight.remove(case);
+        self.states.remove(case);
+        self.persisted_shared.remove(case);
+        if self.pushed_unanswered.len() < UNANSWERED_MAX {
+            self.pushed_unanswered.insert(case.clone(), heads);
+        }
+    }
+
     fn on_case_sync(
         &mut self,
         case: CaseId,
         data: Vec<u8>,
         store: &mut dyn CaseStore,
     ) -> Result<(), SessionError> {
+        let (doc, theirs) = self.apply_case_message(&case, &data, store)?;
+        if self.version >= PUSH_VERSION && same_heads(&doc.get_heads(), theirs) {
+            return self.end_quietly(&case);
+        }
+        self.reply(&case, &doc, store)
+    }
+
+    /// A case the peer pushed: applied like any case message, answered
+    /// only if we hold changes the peer lacks.
+    fn on_case_push(
+        &mut self,
+        case: CaseId,
+        data: Vec<u8>,
+        store: &mut dyn CaseStore,
+    ) -> Result<(), SessionError> {
+        if self.peer_end.is_none() {
+            self.pushes_received.insert(case.clone());
+        }
+        let (doc, theirs) = self.apply_case_message(&case, &data, store)?;
+        if same_heads(&doc.get_heads(), theirs) {
+            return self.end_quietly(&case);
+        }
+        self.reply(&case, &doc, store)
+    }
+
+    /// Protocol 4: the peer's message left us at its very heads, so
+    /// neither side lacks anything and we do not answer (Automerge would
+    /// send a message just to say so). The sync state was persisted with
+    /// the commit; the peer records the same at convergence.
+    fn end_quietly(&mut self, case: &CaseId) -> Result<(), SessionError> {
+        self.in_flight.remove(case);
+        self.states.remove(case);
+        self.persisted_shared.remove(case);
+        Ok(())
+    }
+
+    /// Pushes `case` to the peer if we synced it with this peer before and
+    /// hold changes since: our sync message, generated as if the peer had
+    /// just said it holds the heads we last shared. Nothing is pushed for
+    /// a case with an exchange already running, or whose message would be
+    /// split; the peer asks for those the usual way.
+    fn try_push(&mut self, case: &CaseId, store: &mut dyn CaseStore) -> Result<(), SessionError> {
+        if self.pushed.contains(case)
+            || self.queued.contains(case)
+            || self.states.contains_key(case)
+        {
+            return Ok(());
+        }
+        let Some(mut state) = store
+            .load_sync_state(case)?
+            .and_then(|bytes| AmState::decode(&bytes).ok())
+        else {
+            return Ok(());
+        };
+        if state.shared_heads.is_empty() {
+            return Ok(());
+        }
+        let Some(doc) = store.load(case)? else {
+            return Ok(());
+        };
+        let shared = state.shared_heads.clone();
+        state.their_heads = Some(shared.clone());
+        state.their_need = Some(Vec::new());
+        state.their_have = Some(vec![Have {
+            last_sync: shared.clone(),
+            bloom: BloomFilter::default(),
+        }]);
+        let Some(msg) = doc.generate_sync_message(&mut state) else {
+            return Ok(());
+        };
+        if msg.changes.is_empty() {
+            // The peer holds all we have of it; the listing says so.
+            return Ok(());
+        }
+        let data = msg.encode();
+        if data.len() > self.config.split_above_bytes {
+            return Ok(());
+        }
+        self.pushed.insert(case.clone());
+        self.finish_unanswered(case, doc.get_heads());
+        self.pushed_before_hello |= self.phase == Phase::Hello;
+        self.stats.cases_sent.insert(case.clone());
+        self.stats.case_messages_sent += 1;
+        self.send(Message::CasePush {
+            case: case.clone(),
+            data,
+        });
+        Ok(())
+    }
+
+    /// Whether listed cases may be pushed now: the peer speaks protocol 4
+    /// (or spoke it when we last converged, before its hello arrives), and
+    /// we have met this peer's store before (we remember converging with
+    /// it, or its cursor names our store). A first sync pushes nothing and
+    /// looks up no sync state per listed case.
+    fn may_push(&self) -> bool {
+        let version = match self.phase {
+            Phase::Hello => self.remembered_version.min(self.config.version_max),
+            _ => self.version,
+        };
+        version >= PUSH_VERSION
+            && (self.remembered_version > 0 || self.peer_knows_us)
+            && self.pushed.len() < PUSHES_MAX
+    }
+
+    /// Decodes and applies one Automerge sync message for `case`, and
+    /// commits what it brought. Returns the merged document and the heads
+    /// the peer announced.
+    fn apply_case_message(
+        &mut self,
+        case: &CaseId,
+        data: &[u8],
+        store: &mut dyn CaseStore,
+    ) -> Result<(Automerge, Vec<ChangeHash>), SessionError> {
+        let case = case.clone();
+        self.pushed_unanswered.remove(&case);
         self.stats.case_messages_received += 1;
-        let msg = AmMessage::decode(&data).map_err(|e| SessionError::BadSyncMessage {
+        let msg = AmMessage::decode(data).map_err(|e| SessionError::BadSyncMessage {
             case: case.clone(),
             reason: e.to_string(),
         })?;
+        let their_heads = msg.heads.clone();
         let mut doc = store.load(&case)?.unwrap_or_default();
         let before = doc.get_heads();
         let state = self.state_for(&case, store)?;
@@ -1346,7 +1559,7 @@ impl Session {
             store.save_sync_state(&case, &encoded)?;
             self.persisted_shared.insert(case.clone(), shared);
         }
-        self.reply(&case, &doc, store)
+        Ok((doc, their_heads))
     }
 
     /// Runs after each batch of input: announces quiescence, stores the
@@ -1396,7 +1609,20 @@ impl Session {
             // The peer counted our listing's end, so it stores the same
             // position for our store: next time we list from there at once.
             if self.version >= OPTIMISTIC_LISTING_VERSION {
-                store.save_listed_upto(Some(self.list_upto))?;
+                store.save_listed_upto(Some(ListedUpto {
+                    seq: self.list_upto,
+                    version: self.version,
+                }))?;
+            }
+            // The peer processed our pushes (its counts say so) and
+            // committed them before saying so: it holds our heads of each
+            // case it did not answer. The next push starts from there.
+            for (case, heads) in std::mem::take(&mut self.pushed_unanswered) {
+                let state = AmState {
+                    shared_heads: heads,
+                    ..AmState::default()
+                };
+                store.save_sync_state(&case, &state.encode())?;
             }
             self.cursor_saved = true;
         }
@@ -1426,6 +1652,14 @@ impl Session {
         let result = self.after_input(store);
         self.fail_on_err(result)
     }
+}
+
+/// Whether two sets of heads are the same, in any order.
+fn same_heads(ours: &[ChangeHash], mut theirs: Vec<ChangeHash>) -> bool {
+    let mut ours = ours.to_vec();
+    ours.sort();
+    theirs.sort();
+    ours == theirs
 }
 
 /// Whether a listing of `lister`'s changes after sequence number `from`

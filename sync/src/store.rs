@@ -83,6 +83,18 @@ pub fn whole_doc_sync_state(doc: &Automerge) -> Vec<u8> {
     state.encode()
 }
 
+/// What a node remembers of its last convergence with a peer (see
+/// [`CaseStore::listed_upto`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListedUpto {
+    /// How far the peer had seen our store: our listing's end.
+    pub seq: u64,
+    /// The protocol version both spoke then. It decides what may go out in
+    /// our first flight, before the peer's hello says what it speaks now: a
+    /// listing from version 2 on, pushed changes from version 4 on.
+    pub version: u16,
+}
+
 /// One entry of a change listing: a case and its heads, with the local
 /// update sequence number at which it last changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,11 +144,11 @@ pub trait CaseStore {
     /// hint; the peer's cursor decides (see [`Message::ListingStart`]).
     ///
     /// [`Message::ListingStart`]: crate::wire::Message::ListingStart
-    fn listed_upto(&mut self) -> Result<Option<u64>, StoreFault> {
+    fn listed_upto(&mut self) -> Result<Option<ListedUpto>, StoreFault> {
         Ok(None)
     }
     /// Remembers (or, with `None`, forgets) [`CaseStore::listed_upto`].
-    fn save_listed_upto(&mut self, upto: Option<u64>) -> Result<(), StoreFault> {
+    fn save_listed_upto(&mut self, upto: Option<ListedUpto>) -> Result<(), StoreFault> {
         let _ = upto;
         Ok(())
     }

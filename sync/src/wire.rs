@@ -22,8 +22,10 @@ pub const HELLO_MAGIC: [u8; 4] = *b"FCSY";
 /// receiver lacks, and listings that may start before the peer's cursor
 /// arrives ([`Message::ListingStart`]); with a version-1 peer the session
 /// does neither. Version 3 added [`Message::Part`]: a large case travels in
-/// parts between other messages instead of holding them all back.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// parts between other messages instead of holding them all back. Version
+/// 4 added [`Message::CasePush`]: a listed case goes out with its changes
+/// at once, one message instead of three.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Oldest protocol version this build still speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
@@ -197,6 +199,22 @@ pub enum Message {
         /// The encoded `automerge::sync::Message`.
         data: Vec<u8>,
     },
+    /// An Automerge sync message for a case the sender lists, sent right
+    /// before its listing entry without waiting to be asked (protocol
+    /// version 4). It carries the sender's changes since the heads both
+    /// sides held when they last synced the case (the shared heads of the
+    /// stored sync state), as if the receiver had just said it holds
+    /// those. The receiver applies it like a [`Message::CaseSync`], and
+    /// answers only if it holds changes the sender lacks; otherwise the
+    /// exchange is complete in one message, and the sender records the
+    /// receiver at its heads once the session converges. The receiver does
+    /// not offer a case pushed to it.
+    CasePush {
+        /// Which case.
+        case: CaseId,
+        /// The encoded `automerge::sync::Message`.
+        data: Vec<u8>,
+    },
     /// "I lack these cases you listed; send each one whole." Answered by one
     /// [`Message::CaseDoc`] per case, in order. Sending a saved document
     /// costs one message and no Automerge sync state on either side, where
@@ -287,6 +305,7 @@ const TAG_WANT: u8 = 11;
 const TAG_CASE_DOC: u8 = 12;
 const TAG_LISTING_START: u8 = 13;
 const TAG_PART: u8 = 14;
+const TAG_CASE_PUSH: u8 = 15;
 
 /// Why a frame payload is not a valid message.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -360,6 +379,11 @@ impl Message {
             }
             Message::CaseSync { case, data } => {
                 w.push(TAG_CASE_SYNC);
+                put_bytes(&mut w, case.as_str().as_bytes());
+                put_bytes(&mut w, data);
+            }
+            Message::CasePush { case, data } => {
+                w.push(TAG_CASE_PUSH);
                 put_bytes(&mut w, case.as_str().as_bytes());
                 put_bytes(&mut w, data);
             }
@@ -485,6 +509,11 @@ impl Message {
                 let data = r.bytes()?.to_vec();
                 Message::CaseSync { case, data }
             }
+            TAG_CASE_PUSH => {
+                let case = r.case_id()?;
+                let data = r.bytes()?.to_vec();
+                Message::CasePush { case, data }
+            }
             TAG_LISTING_START => Message::ListingStart { after: r.varint()? },
             TAG_WANT => {
                 let n = r.varint()?;
@@ -580,6 +609,7 @@ impl Message {
             Message::Since { .. } => "since",
             Message::Changes { .. } => "changes",
             Message::CaseSync { .. } => "case-sync",
+            Message::CasePush { .. } => "case-push",
             Message::ListingStart { .. } => "listing-start",
             Message::Want { .. } => "want",
             Message::CaseDoc { .. } => "case-doc",

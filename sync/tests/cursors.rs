@@ -316,3 +316,207 @@ fn a_laptop_that_lost_its_cursor_gets_a_listing_restarted_from_the_beginning() {
         "converged again, so the next session lists from memory"
     );
 }
+
+/// Like [`session`], with a chosen newest protocol version on each side.
+fn session_speaking(
+    a: (&mut MemoryNode, &str, u16),
+    b: (&mut MemoryNode, &str, u16),
+) -> Result<(Session, Session), SessionError> {
+    let (a, an, av) = a;
+    let (b, bn, bv) = b;
+    let config = |v: u16| SessionConfig {
+        version_max: v,
+        ..SessionConfig::default()
+    };
+    let mut sa = Session::new(config(av));
+    let mut sb = Session::new(config(bv));
+    // Started and filled at once, as the transport does: a listing (and
+    // pushes) from memory go out before the peer's hello arrives.
+    sa.start(&mut a.for_peer(bn))?;
+    sa.fill(&mut a.for_peer(bn))?;
+    sb.start(&mut b.for_peer(an))?;
+    sb.fill(&mut b.for_peer(an))?;
+    for _ in 0..ROUNDS_MAX {
+        let mut moved = false;
+        while let Some(f) = sa.poll_transmit() {
+            moved = true;
+            sb.handle_bytes(&f, &mut b.for_peer(an))?;
+        }
+        while let Some(f) = sb.poll_transmit() {
+            moved = true;
+            sa.handle_bytes(&f, &mut a.for_peer(bn))?;
+        }
+        if !moved {
+            sa.fill(&mut a.for_peer(bn))?;
+            sb.fill(&mut b.for_peer(an))?;
+            if !sa.has_queued() && !sb.has_queued() {
+                return Ok((sa, sb));
+            }
+        }
+    }
+    panic!("no quiescence within {ROUNDS_MAX} rounds");
+}
+
+/// The shared heads `n` stored for `case` with `peer`.
+fn shared_with(n: &MemoryNode, peer: &str, case: &str) -> Vec<automerge::ChangeHash> {
+    let bytes = &n.sync_states[&(peer.to_string(), id(case))];
+    automerge::sync::State::decode(bytes).unwrap().shared_heads
+}
+
+#[test]
+fn a_reconnect_costs_one_message_per_changed_case_once_both_sides_have_synced_it() {
+    let mut center = node(1);
+    let mut laptop = node(2);
+    for i in 0..100 {
+        create(&mut center, 1, &format!("C-{i}"));
+    }
+    session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    // A quiet reconnect: the laptop lists back the cases it merged in the
+    // first sync (they changed its store after the position the center
+    // holds), and from then on each side lists only its own edits.
+    session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+
+    // The center edits ten cases, the laptop ten others. The laptop got
+    // its cases whole and stored them as shared with the center, so it
+    // pushes its edits: one message each. The center sent them whole and
+    // stored nothing yet, so the laptop asks for its edits: two messages
+    // each, and no acknowledgement either way.
+    let edit_twenty = |center: &mut MemoryNode, laptop: &mut MemoryNode, what: &str| {
+        for i in 0..10 {
+            edit(center, 1, &format!("C-{i}"), "status_note", what);
+            edit(laptop, 2, &format!("C-{}", 50 + i), "phone", what);
+        }
+    };
+    edit_twenty(&mut center, &mut laptop, "first");
+    let (c, l) = session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    assert_eq!(heads_of(&center), heads_of(&laptop));
+    assert_eq!(l.stats().case_messages_sent, 20, "10 pushes, 10 requests");
+    assert_eq!(c.stats().case_messages_sent, 10, "10 answers, no acks");
+    // Both now store the cases as shared at their new heads ...
+    for i in [0, 9, 50, 59] {
+        let case = format!("C-{i}");
+        let heads = center.docs[&id(&case)].get_heads();
+        assert_eq!(shared_with(&center, "laptop", &case), heads, "{case}");
+        assert_eq!(shared_with(&laptop, "center", &case), heads, "{case}");
+    }
+
+    // ... so the next reconnect pushes every change: one message per case.
+    edit_twenty(&mut center, &mut laptop, "second");
+    let (c, l) = session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    assert_eq!(heads_of(&center), heads_of(&laptop));
+    assert_eq!(l.stats().case_messages_sent, 10);
+    assert_eq!(c.stats().case_messages_sent, 10);
+    assert_eq!(l.stats().cases_received.len(), 10);
+    assert_eq!(c.stats().cases_received.len(), 10);
+
+    // Nothing changed: nothing per case, as before.
+    let (c, l) = session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    assert_eq!(
+        c.stats().case_messages_sent + l.stats().case_messages_sent,
+        0
+    );
+}
+
+#[test]
+fn a_case_edited_on_both_sides_since_the_last_sync_merges_in_two_messages() {
+    let mut center = node(1);
+    let mut laptop = node(2);
+    create(&mut center, 1, "C-1");
+    session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    edit(&mut center, 1, "C-1", "x", "1");
+    session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+
+    // Both sides push; each push meets changes the other lacks, so each
+    // side answers once with its own, and both end at the merge.
+    edit(&mut center, 1, "C-1", "status_note", "center");
+    edit(&mut laptop, 2, "C-1", "phone", "laptop");
+    let (c, l) = session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    assert_eq!(heads_of(&center), heads_of(&laptop));
+    assert_eq!(center.docs[&id("C-1")].get_heads().len(), 2, "a merge");
+    let total = c.stats().case_messages_sent + l.stats().case_messages_sent;
+    assert!(total <= 4, "{total} messages");
+}
+
+#[test]
+fn a_protocol_3_laptop_and_a_protocol_4_center_sync_as_two_protocol_3_nodes_do() {
+    // The same day twice: with a protocol-4 center, and with both on 3.
+    let mut counts = Vec::new();
+    for center_version in [4, 3] {
+        let mut center = node(1);
+        let mut laptop = node(2);
+        for i in 0..20 {
+            create(&mut center, 1, &format!("C-{i}"));
+        }
+        for _ in 0..2 {
+            session_speaking(
+                (&mut center, "center", center_version),
+                (&mut laptop, "laptop", 3),
+            )
+            .unwrap();
+        }
+        for i in 0..5 {
+            edit(&mut center, 1, &format!("C-{i}"), "status_note", "x");
+            edit(&mut laptop, 2, &format!("C-{}", 10 + i), "phone", "y");
+        }
+        let (c, l) = session_speaking(
+            (&mut center, "center", center_version),
+            (&mut laptop, "laptop", 3),
+        )
+        .unwrap();
+        assert!(c.is_finished() && l.is_finished());
+        assert_eq!(heads_of(&center), heads_of(&laptop));
+        counts.push(c.stats().case_messages_sent + l.stats().case_messages_sent);
+    }
+    assert_eq!(
+        counts[0], counts[1],
+        "no pushes and no skipped answers with protocol 3"
+    );
+}
+
+#[test]
+fn a_laptop_downgraded_below_protocol_4_costs_one_failed_sync_then_works() {
+    let mut center = node(1);
+    let mut laptop = node(2);
+    for i in 0..20 {
+        create(&mut center, 1, &format!("C-{i}"));
+    }
+    session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    edit(&mut center, 1, "C-3", "status_note", "x");
+    session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    // The center remembers a protocol-4 laptop that holds C-3 as shared,
+    // and opens with a push. The laptop was reinstalled with an older
+    // build: it cannot read the push.
+    edit(&mut center, 1, "C-3", "status_note", "y");
+    let mut sc = Session::new(SessionConfig::default());
+    sc.start(&mut center.for_peer("laptop")).unwrap();
+    sc.fill(&mut center.for_peer("laptop")).unwrap();
+    let opening: Vec<Vec<u8>> = std::iter::from_fn(|| sc.poll_transmit()).collect();
+    assert!(
+        opening
+            .iter()
+            .any(|f| matches!(Message::decode(&f[4..]), Ok(Message::CasePush { .. }))),
+        "the center opens with a push"
+    );
+    let mut sl = Session::new(SessionConfig {
+        version_max: 3,
+        ..SessionConfig::default()
+    });
+    sl.start(&mut laptop.for_peer("center")).unwrap();
+    let laptop_opening: Vec<Vec<u8>> = std::iter::from_fn(|| sl.poll_transmit()).collect();
+    let laptop_err = opening
+        .iter()
+        .find_map(|f| sl.handle_bytes(f, &mut laptop.for_peer("center")).err());
+    assert!(laptop_err.is_some(), "the old laptop refuses the push");
+    let center_err = laptop_opening
+        .iter()
+        .find_map(|f| sc.handle_bytes(f, &mut center.for_peer("laptop")).err());
+    assert!(
+        matches!(&center_err, Some(SessionError::Protocol(r)) if r.contains("next sync will work")),
+        "{center_err:?}"
+    );
+    assert!(!center.listed.contains_key("laptop"), "the center forgot");
+    let (c, l) = session_speaking((&mut center, "center", 4), (&mut laptop, "laptop", 3)).unwrap();
+    assert!(c.is_finished() && l.is_finished());
+    assert_eq!(heads_of(&center), heads_of(&laptop));
+}

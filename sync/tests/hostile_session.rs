@@ -344,3 +344,31 @@ fn a_swapped_or_repeated_part_is_refused_instead_of_joined_into_damaged_changes(
         "{err}"
     );
 }
+
+#[test]
+fn a_push_from_a_peer_that_speaks_protocol_3_is_a_protocol_error() {
+    let mut node = MemoryNode::default();
+    let mut s = Session::new(SessionConfig::default());
+    s.start(&mut node.for_peer("peer")).unwrap();
+    let err = s
+        .handle_bytes(
+            &frames(&[
+                Message::Hello(Hello {
+                    version_min: 1,
+                    version_max: 3,
+                    live: false,
+                }),
+                Message::CasePush {
+                    case: CaseId::new("CEN-1").unwrap(),
+                    data: Vec::new(),
+                },
+            ]),
+            &mut node.for_peer("peer"),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, SessionError::Protocol(r) if r.contains("unexpected case-push")),
+        "{err}"
+    );
+    assert!(node.docs.is_empty());
+}

@@ -32,6 +32,8 @@ fn message() -> impl Strategy<Value = Message> {
             }),
         (case_id(), prop::collection::vec(any::<u8>(), 0..2000))
             .prop_map(|(case, data)| Message::CaseSync { case, data }),
+        (case_id(), prop::collection::vec(any::<u8>(), 0..2000))
+            .prop_map(|(case, data)| Message::CasePush { case, data }),
         prop::collection::vec(case_id(), 0..50).prop_map(|cases| Message::Want { cases }),
         any::<u64>().prop_map(|after| Message::ListingStart { after }),
         (case_id(), prop::collection::vec(any::<u8>(), 0..2000))
