@@ -366,29 +366,30 @@ impl CaseStore for PeerStore<'_> {
 
     fn adopt_batch(&mut self, docs: Vec<WholeDoc>) -> Result<Vec<Adopted>, (CaseId, CommitError)> {
         // The costly part, loading and checking each document (one full
-        // view), runs on every core; the writes then go in order.
+        // view), runs on every core, and so does freeing it (an Automerge
+        // document is many small allocations); the writes then go in
+        // order, with only what they need.
         let prepared = par_map(&docs, |d| {
             load_whole(&d.saved).map(|doc| {
                 let projection = crate::node::project_case(&doc, d.case.as_str());
-                (doc, projection)
+                (doc.get_heads(), whole_doc_sync_state(&doc), projection)
             })
         });
         let mut out = Vec::with_capacity(docs.len());
         for (d, prepared) in docs.into_iter().zip(prepared) {
-            let Some((doc, projection)) = prepared else {
+            let Some((heads, state, projection)) = prepared else {
                 out.push(Adopted::Unusable);
                 continue;
             };
             let fail = |e: CommitError| (d.case.clone(), e);
             let projection = projection.map_err(|r| fail(CommitError::Rejected(r)))?;
-            let state = whole_doc_sync_state(&doc);
             let inserted = self
                 .store
                 .insert_whole(
                     &self.peer_id,
                     d.case.as_str(),
                     &d.saved,
-                    &doc.get_heads(),
+                    &heads,
                     &projection,
                     &state,
                 )
@@ -400,8 +401,15 @@ impl CaseStore for PeerStore<'_> {
                     new_conflicts: u32::try_from(projection.conflicts).unwrap_or(0),
                 }
             } else {
-                // It arrived meanwhile, or our copy is damaged: merge.
-                self.commit(&d.case, &doc, &state).map_err(fail)?
+                // It arrived meanwhile, or our copy is damaged: merge. It
+                // loaded above, so it loads again.
+                match load_whole(&d.saved) {
+                    Some(doc) => self.commit(&d.case, &doc, &state).map_err(fail)?,
+                    None => {
+                        out.push(Adopted::Unusable);
+                        continue;
+                    }
+                }
             };
             out.push(Adopted::Stored(outcome));
         }
@@ -421,6 +429,11 @@ pub struct SyncReport {
     /// Connections lost mid-session and opened again to resume (see
     /// [`sync_resuming`]); the counters are those of the last session.
     pub resumed: u32,
+    /// UDP payload bytes this node sent and received on the connection,
+    /// handshake and close included (quinn's counters; the last
+    /// connection's when a sync resumed). What the link carried, without
+    /// a relay in the way to count it.
+    pub udp_bytes: (u64, u64),
 }
 
 impl SyncReport {
@@ -1174,12 +1187,14 @@ pub async fn sync_with(
             .await
         }
     }
+    let udp = conn.stats();
     drop(endpoint);
     result.map(|(stats, blobs)| SyncReport {
         peer: peer.name.clone(),
         stats,
         blobs,
         resumed: 0,
+        udp_bytes: (udp.udp_tx.bytes, udp.udp_rx.bytes),
     })
 }
 
@@ -1370,11 +1385,13 @@ async fn handle_incoming(
             None,
         )
         .await?;
+        let udp = conn.stats();
         Ok::<_, NetError>(Some(SyncReport {
             peer: peer.name.clone(),
             stats,
             blobs,
             resumed: 0,
+            udp_bytes: (udp.udp_tx.bytes, udp.udp_rx.bytes),
         }))
     }
     .await;
