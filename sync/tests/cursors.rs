@@ -45,10 +45,37 @@ fn session(
     bn: &str,
     cut_after: Option<usize>,
 ) -> Result<(Session, Session), SessionError> {
-    let mut sa = Session::new(SessionConfig::default());
-    let mut sb = Session::new(SessionConfig::default());
+    let newest = fieldcase_sync::PROTOCOL_VERSION;
+    exchange((a, an, newest), (b, bn, newest), cut_after)
+}
+
+/// Like [`session`], with a chosen newest protocol version on each side.
+fn session_speaking(
+    a: (&mut MemoryNode, &str, u16),
+    b: (&mut MemoryNode, &str, u16),
+) -> Result<(Session, Session), SessionError> {
+    exchange(a, b, None)
+}
+
+fn exchange(
+    a: (&mut MemoryNode, &str, u16),
+    b: (&mut MemoryNode, &str, u16),
+    cut_after: Option<usize>,
+) -> Result<(Session, Session), SessionError> {
+    let (a, an, av) = a;
+    let (b, bn, bv) = b;
+    let config = |v: u16| SessionConfig {
+        version_max: v,
+        ..SessionConfig::default()
+    };
+    let mut sa = Session::new(config(av));
+    let mut sb = Session::new(config(bv));
+    // Started and filled at once, as the transport does: a listing (and
+    // pushes) from memory go out before the peer's hello arrives.
     sa.start(&mut a.for_peer(bn))?;
+    sa.fill(&mut a.for_peer(bn))?;
     sb.start(&mut b.for_peer(an))?;
+    sb.fill(&mut b.for_peer(an))?;
     let mut delivered = 0usize;
     for _ in 0..ROUNDS_MAX {
         let mut moved = false;
@@ -80,7 +107,7 @@ fn session(
             }
         }
     }
-    panic!("session did not finish within {ROUNDS_MAX} rounds");
+    panic!("no quiescence within {ROUNDS_MAX} rounds");
 }
 
 fn heads_of(n: &MemoryNode) -> Vec<(CaseId, Vec<automerge::ChangeHash>)> {
@@ -315,46 +342,6 @@ fn a_laptop_that_lost_its_cursor_gets_a_listing_restarted_from_the_beginning() {
         center.listed.contains_key("laptop"),
         "converged again, so the next session lists from memory"
     );
-}
-
-/// Like [`session`], with a chosen newest protocol version on each side.
-fn session_speaking(
-    a: (&mut MemoryNode, &str, u16),
-    b: (&mut MemoryNode, &str, u16),
-) -> Result<(Session, Session), SessionError> {
-    let (a, an, av) = a;
-    let (b, bn, bv) = b;
-    let config = |v: u16| SessionConfig {
-        version_max: v,
-        ..SessionConfig::default()
-    };
-    let mut sa = Session::new(config(av));
-    let mut sb = Session::new(config(bv));
-    // Started and filled at once, as the transport does: a listing (and
-    // pushes) from memory go out before the peer's hello arrives.
-    sa.start(&mut a.for_peer(bn))?;
-    sa.fill(&mut a.for_peer(bn))?;
-    sb.start(&mut b.for_peer(an))?;
-    sb.fill(&mut b.for_peer(an))?;
-    for _ in 0..ROUNDS_MAX {
-        let mut moved = false;
-        while let Some(f) = sa.poll_transmit() {
-            moved = true;
-            sb.handle_bytes(&f, &mut b.for_peer(an))?;
-        }
-        while let Some(f) = sb.poll_transmit() {
-            moved = true;
-            sa.handle_bytes(&f, &mut a.for_peer(bn))?;
-        }
-        if !moved {
-            sa.fill(&mut a.for_peer(bn))?;
-            sb.fill(&mut b.for_peer(an))?;
-            if !sa.has_queued() && !sb.has_queued() {
-                return Ok((sa, sb));
-            }
-        }
-    }
-    panic!("no quiescence within {ROUNDS_MAX} rounds");
 }
 
 /// The shared heads `n` stored for `case` with `peer`.

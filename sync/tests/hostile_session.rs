@@ -262,24 +262,27 @@ fn an_idle_or_an_empty_part_in_the_middle_of_a_split_message_is_a_protocol_error
     );
 }
 
-#[test]
-fn a_protocol_2_peer_cannot_send_parts() {
+/// What a fresh session says to a peer speaking at most `version` that
+/// sends `msg` right after its hello. Nothing may be stored.
+fn error_from_older_peer(version: u16, msg: Message) -> SessionError {
     let mut node = MemoryNode::default();
     let mut s = Session::new(SessionConfig::default());
     s.start(&mut node.for_peer("peer")).unwrap();
+    let hello = Message::Hello(Hello {
+        version_min: 1,
+        version_max: version,
+        live: false,
+    });
     let err = s
-        .handle_bytes(
-            &frames(&[
-                Message::Hello(Hello {
-                    version_min: 1,
-                    version_max: 2,
-                    live: false,
-                }),
-                part(0, true, b"x"),
-            ]),
-            &mut node.for_peer("peer"),
-        )
+        .handle_bytes(&frames(&[hello, msg]), &mut node.for_peer("peer"))
         .unwrap_err();
+    assert!(node.docs.is_empty());
+    err
+}
+
+#[test]
+fn a_protocol_2_peer_cannot_send_parts() {
+    let err = error_from_older_peer(2, part(0, true, b"x"));
     assert!(
         matches!(&err, SessionError::Protocol(r) if r.contains("unexpected part")),
         "{err}"
@@ -347,28 +350,13 @@ fn a_swapped_or_repeated_part_is_refused_instead_of_joined_into_damaged_changes(
 
 #[test]
 fn a_push_from_a_peer_that_speaks_protocol_3_is_a_protocol_error() {
-    let mut node = MemoryNode::default();
-    let mut s = Session::new(SessionConfig::default());
-    s.start(&mut node.for_peer("peer")).unwrap();
-    let err = s
-        .handle_bytes(
-            &frames(&[
-                Message::Hello(Hello {
-                    version_min: 1,
-                    version_max: 3,
-                    live: false,
-                }),
-                Message::CasePush {
-                    case: CaseId::new("CEN-1").unwrap(),
-                    data: Vec::new(),
-                },
-            ]),
-            &mut node.for_peer("peer"),
-        )
-        .unwrap_err();
+    let push = Message::CasePush {
+        case: CaseId::new("CEN-1").unwrap(),
+        data: Vec::new(),
+    };
+    let err = error_from_older_peer(3, push);
     assert!(
         matches!(&err, SessionError::Protocol(r) if r.contains("unexpected case-push")),
         "{err}"
     );
-    assert!(node.docs.is_empty());
 }

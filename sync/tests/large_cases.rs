@@ -61,6 +61,24 @@ struct Run {
     parts_from_center: usize,
 }
 
+impl Run {
+    /// The round in which the large case arrived.
+    fn large_at(&self) -> usize {
+        self.arrived[&id("DAT-000001")]
+    }
+    fn small_rounds(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..SMALL_CASES).map(|i| self.arrived[&id(&format!("KS-{i:06}"))])
+    }
+    /// The round in which the last small case arrived.
+    fn last_small(&self) -> usize {
+        self.small_rounds().max().expect("small cases")
+    }
+    /// The round in which the first small case arrived.
+    fn first_small(&self) -> usize {
+        self.small_rounds().min().expect("small cases")
+    }
+}
+
 /// Syncs `laptop` with `center` over the slow link until both finish.
 fn sync_over_slow_link(
     laptop: &mut MemoryNode,
@@ -156,11 +174,7 @@ fn a_survey_case_with_a_long_note_does_not_hold_back_the_small_cases_behind_it()
     let run = sync_over_slow_link(&mut laptop, &mut center, SessionConfig::default());
 
     assert_eq!(laptop.docs.len(), SMALL_CASES + 1, "everything arrived");
-    let large_at = run.arrived[&id("DAT-000001")];
-    let last_small = (0..SMALL_CASES)
-        .map(|i| run.arrived[&id(&format!("KS-{i:06}"))])
-        .max()
-        .unwrap();
+    let (large_at, last_small) = (run.large_at(), run.last_small());
     assert!(
         last_small < large_at / 4,
         "every small case arrived (by round {last_small}) long before the large one \
@@ -193,11 +207,7 @@ fn a_long_note_added_to_a_case_the_laptop_has_does_not_hold_back_other_edits() {
 
     let run = sync_over_slow_link(&mut laptop, &mut center, SessionConfig::default());
 
-    let large_at = run.arrived[&id("DAT-000001")];
-    let last_small = (0..SMALL_CASES)
-        .map(|i| run.arrived[&id(&format!("KS-{i:06}"))])
-        .max()
-        .unwrap();
+    let (large_at, last_small) = (run.large_at(), run.last_small());
     assert!(
         last_small < large_at / 2,
         "the small edits arrived (by round {last_small}) before the note finished (round {large_at})"
@@ -229,10 +239,6 @@ fn a_protocol_2_center_still_sends_the_large_case_whole_in_one_frame() {
     assert_eq!(run.parts_from_center, 0, "protocol 2 has no parts");
     // Which is exactly why protocol 3 exists: the small cases behind the
     // large one waited for all of it.
-    let large_at = run.arrived[&id("DAT-000001")];
-    let first_small = (0..SMALL_CASES)
-        .map(|i| run.arrived[&id(&format!("KS-{i:06}"))])
-        .min()
-        .unwrap();
+    let (large_at, first_small) = (run.large_at(), run.first_small());
     assert!(first_small >= large_at, "{first_small} < {large_at}");
 }

@@ -769,3 +769,13 @@ pub fn poll_until<T>(
         thread::sleep(POLL);
     }
 }
+
+/// The runtime the in-process stories run on: two workers, like the
+/// 2-core machines the nodes run on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}

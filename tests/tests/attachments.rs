@@ -49,14 +49,6 @@ fn setup() {
     fieldcase_tests::use_bin(env!("CARGO_BIN_EXE_fieldcase-under-test"));
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// A center serving on loopback and a laptop that reaches it only through
 /// a relay with `profile`. The relay's tasks run on `rt`.
 struct Site {
@@ -241,7 +233,7 @@ fn assert_plain_lines(stderr: &str) -> Result<()> {
 fn an_id_photo_and_a_result_pdf_cross_village_3g_intact() -> Result<()> {
     setup();
     let (mut rng, seed) = seeded_rng("attachments round trip", 0xF1E1D);
-    let rt = runtime();
+    let rt = fieldcase_tests::runtime();
     let files = tempfile::tempdir()?;
     let site = Site::start(&rt, "thon-dong", LinkProfile::village_3g(), seed)?;
     let Site {
@@ -370,7 +362,7 @@ fn slowed_wifi() -> LinkProfile {
 fn a_download_cut_midway_resumes_after_both_nodes_restart() -> Result<()> {
     setup();
     let (mut rng, seed) = seeded_rng("attachments resume", 0x5E5);
-    let rt = runtime();
+    let rt = fieldcase_tests::runtime();
     let files = tempfile::tempdir()?;
     let profile = slowed_wifi();
     let Site {
@@ -501,7 +493,7 @@ fn a_download_cut_midway_resumes_after_both_nodes_restart() -> Result<()> {
 fn a_blackout_longer_than_the_idle_timeout_is_resumed_by_the_same_sync() -> Result<()> {
     setup();
     let (mut rng, seed) = seeded_rng("attachments same-sync resume", 0x5E6);
-    let rt = runtime();
+    let rt = fieldcase_tests::runtime();
     let files = tempfile::tempdir()?;
     let profile = slowed_wifi();
     let Site {
@@ -559,7 +551,7 @@ fn a_blackout_longer_than_the_idle_timeout_is_resumed_by_the_same_sync() -> Resu
 fn bytes_that_do_not_match_their_hash_are_refused_and_not_kept() -> Result<()> {
     setup();
     let (mut rng, seed) = seeded_rng("attachments hostile", 0xBAD);
-    let rt = runtime();
+    let rt = fieldcase_tests::runtime();
     let files = tempfile::tempdir()?;
     let Site {
         center,
@@ -671,7 +663,7 @@ fn a_file_over_the_limit_is_not_attached() -> Result<()> {
 fn a_blob_over_the_laptops_limit_is_skipped_but_its_case_arrives() -> Result<()> {
     setup();
     let (mut rng, seed) = seeded_rng("attachments sync limit", 0x2);
-    let rt = runtime();
+    let rt = fieldcase_tests::runtime();
     let files = tempfile::tempdir()?;
     let Site {
         center,
@@ -725,7 +717,7 @@ fn a_blob_over_the_laptops_limit_is_skipped_but_its_case_arrives() -> Result<()>
 fn an_on_demand_laptop_fetches_only_the_file_it_opens() -> Result<()> {
     setup();
     let (mut rng, seed) = seeded_rng("attachments on demand", 0x0D);
-    let rt = runtime();
+    let rt = fieldcase_tests::runtime();
     let files = tempfile::tempdir()?;
     let Site {
         center,

@@ -30,14 +30,6 @@ fn setup() {
     fieldcase_tests::use_bin(env!("CARGO_BIN_EXE_fieldcase-under-test"));
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// Connects to `addr` presenting `who`'s certificate.
 async fn connect(who: &Identity, addr: SocketAddr) -> Result<(quinn::Endpoint, quinn::Connection)> {
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
@@ -193,7 +185,7 @@ fn still_fine(scene: &mut Scene, before: &Snapshot, what: &str) -> Result<()> {
 fn malformed_streams_get_the_connection_closed_and_nothing_else() -> Result<()> {
     setup();
     let (mut rng, _) = seeded_rng("hostile", 0xF1E1D);
-    let rt = runtime();
+    let rt = fieldcase_tests::runtime();
     let mut scene = scene()?;
     let before = center_state(&scene.center)?;
 
@@ -287,7 +279,7 @@ fn malformed_streams_get_the_connection_closed_and_nothing_else() -> Result<()> 
 #[test]
 fn an_untrusted_client_is_closed_with_close_untrusted() -> Result<()> {
     setup();
-    let rt = runtime();
+    let rt = fieldcase_tests::runtime();
     let mut scene = scene()?;
     let before = center_state(&scene.center)?;
     let stranger = Identity::generate("stranger")?;
@@ -335,7 +327,7 @@ fn an_untrusted_client_is_closed_with_close_untrusted() -> Result<()> {
 #[test]
 fn a_client_speaking_only_version_99_is_told_both_version_ranges() -> Result<()> {
     setup();
-    let rt = runtime();
+    let rt = fieldcase_tests::runtime();
     let mut scene = scene()?;
     let before = center_state(&scene.center)?;
     let out = rt.block_on(send_and_watch(

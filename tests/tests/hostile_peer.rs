@@ -51,14 +51,6 @@ fn setup() {
     fieldcase_tests::use_bin(env!("CARGO_BIN_EXE_fieldcase-under-test"));
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// `VmRSS` and `VmHWM` (peak) of a process, in bytes.
 fn memory_of(pid: u32) -> Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -418,7 +410,7 @@ fn new_case(code: &str, actor: ActorId, applicant: &str) -> Result<Automerge> {
 #[test]
 fn bad_changes_inside_well_formed_case_syncs_are_refused_and_nothing_is_committed() -> Result<()> {
     setup();
-    let rt = runtime();
+    let rt = fieldcase_tests::runtime();
     let mut scene = scene()?;
     let copy = honest_copy(&rt, &scene)?;
     scene.still_fine("an honest session from the attacker")?;
@@ -574,7 +566,7 @@ fn copy_of(node: &MemoryNode) -> MemoryNode {
 #[test]
 fn endless_idle_and_blobs_done_streams_are_cut_off() -> Result<()> {
     setup();
-    let rt = runtime();
+    let rt = fieldcase_tests::runtime();
     let mut scene = scene()?;
 
     // Endless Idle frames, each with the same (plausible) counts: nothing
@@ -609,7 +601,7 @@ fn endless_idle_and_blobs_done_streams_are_cut_off() -> Result<()> {
 fn frames_at_the_size_limit_cost_one_frame_of_memory_each() -> Result<()> {
     setup();
     let (mut rng, _) = seeded_rng("hostile_peer_huge", 0x8BADF00D);
-    let rt = runtime();
+    let rt = fieldcase_tests::runtime();
     let mut scene = scene()?;
 
     // A case sync as large as a frame may be, full of noise.
@@ -675,7 +667,7 @@ fn thousands_of_streams_are_served_within_limits_and_a_bad_one_closes_the_connec
 {
     setup();
     let (mut rng, _) = seeded_rng("hostile_peer_streams", 0x5EED5);
-    let rt = runtime();
+    let rt = fieldcase_tests::runtime();
     let mut scene = scene()?;
     let hashes: Vec<[u8; 32]> = (0..STREAMS)
         .map(|_| {

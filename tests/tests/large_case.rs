@@ -28,14 +28,6 @@ const LARGE_NOTES: usize = 250;
 /// link time.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 fn new_case(applicant: &str) -> NewCase {
     NewCase {
         procedure: "land-survey".into(),
@@ -100,7 +92,7 @@ fn a_survey_case_with_a_megabyte_of_notes_arrives_after_the_small_cases_behind_i
         .collect::<Result<_, _>>()?;
     drop(center);
 
-    let rt = runtime();
+    let rt = fieldcase_tests::runtime();
     let order = rt.block_on(async {
         let server = Server::bind(&center_home, "127.0.0.1:0".parse()?, Arc::new(|_: &str| {}))?;
         let addr = server.local_addr()?;
