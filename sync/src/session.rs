@@ -84,6 +84,13 @@ pub const PUSHES_MAX: usize = 512;
 /// message more, nothing else.
 const UNANSWERED_MAX: usize = 65_536;
 
+/// Cases sent whole per session whose heads are recorded as shared with
+/// the peer at convergence, so their next change is pushed. A reconnect's
+/// new cases fit; a first sync's thousands would cost as many writes at
+/// its very end, so past this they are not recorded, and each costs two
+/// messages the first time it changes.
+const WHOLE_RECORDED_MAX: usize = 1024;
+
 /// Case messages whose payload is larger than this are sent in parts, so
 /// a large case shares the link with the small ones behind it instead of
 /// holding them back: at 1 Mbit/s an 8 MiB frame is a minute of nothing
@@ -382,6 +389,9 @@ pub struct Session {
     pushed_unanswered: BTreeMap<CaseId, Vec<ChangeHash>>,
     /// We pushed before the peer's hello said which version it speaks.
     pushed_before_hello: bool,
+    /// Cases sent whole whose heads we record as shared at convergence
+    /// (see [`WHOLE_RECORDED_MAX`]).
+    whole_recorded: usize,
     /// The peer's cursor named our store: it has synced with us before.
     peer_knows_us: bool,
     /// Cases the peer pushed to us while its listing was open; not offered
@@ -482,6 +492,7 @@ impl Session {
             pushed: BTreeSet::new(),
             pushed_unanswered: BTreeMap::new(),
             pushed_before_hello: false,
+            whole_recorded: 0,
             peer_knows_us: false,
             pushes_received: BTreeSet::new(),
             listed_entries: 0,
@@ -1212,6 +1223,16 @@ impl Session {
             Some(bytes) if bytes.len() <= CASE_DOC_BYTES_MAX => {
                 self.stats.whole_docs_sent += 1;
                 self.stats.cases_sent.insert(case.clone());
+                // Remember what the peer will hold, so that this case's
+                // next change can be pushed: for a reconnect's few new
+                // cases, not for a first sync's thousands (their writes
+                // would hold back the end of the session).
+                if self.version >= PUSH_VERSION && self.whole_recorded < WHOLE_RECORDED_MAX {
+                    if let Some(heads) = store.heads(&case)? {
+                        self.whole_recorded += 1;
+                        self.finish_unanswered(&case, heads);
+                    }
+                }
                 bytes
             }
             _ => Vec::new(),

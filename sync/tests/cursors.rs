@@ -352,10 +352,13 @@ fn shared_with(n: &MemoryNode, peer: &str, case: &str) -> Vec<automerge::ChangeH
 
 #[test]
 fn a_reconnect_costs_one_message_per_changed_case_once_both_sides_have_synced_it() {
+    // More cases than a session records as shared after sending them
+    // whole (1,024), numbered so that listings follow the numbers.
+    let code = |i: usize| format!("C-{i:04}");
     let mut center = node(1);
     let mut laptop = node(2);
-    for i in 0..100 {
-        create(&mut center, 1, &format!("C-{i}"));
+    for i in 0..1100 {
+        create(&mut center, 1, &code(i));
     }
     session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
     // A quiet reconnect: the laptop lists back the cases it merged in the
@@ -363,15 +366,15 @@ fn a_reconnect_costs_one_message_per_changed_case_once_both_sides_have_synced_it
     // holds), and from then on each side lists only its own edits.
     session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
 
-    // The center edits ten cases, the laptop ten others. The laptop got
-    // its cases whole and stored them as shared with the center, so it
-    // pushes its edits: one message each. The center sent them whole and
-    // stored nothing yet, so the laptop asks for its edits: two messages
-    // each, and no acknowledgement either way.
+    // The center edits ten of the last cases it sent, the laptop ten
+    // others. The laptop stored every case it got whole as shared with
+    // the center, so it pushes its edits: one message each. The center
+    // recorded only the first 1,024 it sent, so the laptop asks for its
+    // edits: two messages each, and no acknowledgement either way.
     let edit_twenty = |center: &mut MemoryNode, laptop: &mut MemoryNode, what: &str| {
         for i in 0..10 {
-            edit(center, 1, &format!("C-{i}"), "status_note", what);
-            edit(laptop, 2, &format!("C-{}", 50 + i), "phone", what);
+            edit(center, 1, &code(1090 + i), "status_note", what);
+            edit(laptop, 2, &code(50 + i), "phone", what);
         }
     };
     edit_twenty(&mut center, &mut laptop, "first");
@@ -380,8 +383,8 @@ fn a_reconnect_costs_one_message_per_changed_case_once_both_sides_have_synced_it
     assert_eq!(l.stats().case_messages_sent, 20, "10 pushes, 10 requests");
     assert_eq!(c.stats().case_messages_sent, 10, "10 answers, no acks");
     // Both now store the cases as shared at their new heads ...
-    for i in [0, 9, 50, 59] {
-        let case = format!("C-{i}");
+    for i in [50, 59, 1090, 1099] {
+        let case = code(i);
         let heads = center.docs[&id(&case)].get_heads();
         assert_eq!(shared_with(&center, "laptop", &case), heads, "{case}");
         assert_eq!(shared_with(&laptop, "center", &case), heads, "{case}");
@@ -506,4 +509,32 @@ fn a_laptop_downgraded_below_protocol_4_costs_one_failed_sync_then_works() {
     let (c, l) = session_speaking((&mut center, "center", 4), (&mut laptop, "laptop", 3)).unwrap();
     assert!(c.is_finished() && l.is_finished());
     assert_eq!(heads_of(&center), heads_of(&laptop));
+}
+
+#[test]
+fn a_case_created_at_the_center_between_syncs_is_pushed_the_next_time_it_changes() {
+    let mut center = node(1);
+    let mut laptop = node(2);
+    create(&mut center, 1, "C-1");
+    session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+
+    // A citizen walks in: a new case goes to the laptop whole ...
+    create(&mut center, 1, "C-2");
+    let (c, _) = session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    assert_eq!(c.stats().whole_docs_sent, 1);
+    assert_eq!(
+        shared_with(&center, "laptop", "C-2"),
+        center.docs[&id("C-2")].get_heads(),
+        "the center knows what the laptop holds"
+    );
+
+    // ... and its next change is pushed: one message.
+    edit(&mut center, 1, "C-2", "status_note", "processing");
+    let (c, l) = session(&mut center, "center", &mut laptop, "laptop", None).unwrap();
+    assert_eq!(heads_of(&center), heads_of(&laptop));
+    assert_eq!(
+        c.stats().case_messages_sent + l.stats().case_messages_sent,
+        1
+    );
 }
