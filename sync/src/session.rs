@@ -1635,9 +1635,14 @@ impl Session {
                     version: self.version,
                 }))?;
             }
-            // The peer processed our pushes (its counts say so) and
-            // committed them before saying so: it holds our heads of each
-            // case it did not answer. The next push starts from there.
+            self.cursor_saved = true;
+        }
+        if converged {
+            // The peer processed our last message of each exchange that
+            // ended without an answer (its counts say so), and committed
+            // it before saying so: it holds our heads of those cases. The
+            // next push starts from there. A live session converges again
+            // after each round of edits, and records each round's.
             for (case, heads) in std::mem::take(&mut self.pushed_unanswered) {
                 let state = AmState {
                     shared_heads: heads,
@@ -1645,7 +1650,6 @@ impl Session {
                 };
                 store.save_sync_state(&case, &state.encode())?;
             }
-            self.cursor_saved = true;
         }
         if converged && self.quiescent_at != Some(counts) {
             self.quiescent_at = Some(counts);
