@@ -1328,10 +1328,15 @@ impl Session {
             }
             // A persisted state that no longer decodes is our own damaged
             // data; starting fresh costs a little bandwidth and loses nothing.
-            let state = store
+            let mut state = store
                 .load_sync_state(case)?
                 .and_then(|bytes| AmState::decode(&bytes).ok())
                 .unwrap_or_default();
+            // Protocol 4: our first message of the exchange carries our
+            // changes since the heads we last shared, as a push does.
+            if self.version >= PUSH_VERSION {
+                assume_peer_holds_shared(&mut state);
+            }
             self.persisted_shared
                 .insert(case.clone(), state.shared_heads.clone());
             self.states.insert(case.clone(), state);
@@ -1480,13 +1485,7 @@ impl Session {
         let Some(doc) = store.load(case)? else {
             return Ok(());
         };
-        let shared = state.shared_heads.clone();
-        state.their_heads = Some(shared.clone());
-        state.their_need = Some(Vec::new());
-        state.their_have = Some(vec![Have {
-            last_sync: shared.clone(),
-            bloom: BloomFilter::default(),
-        }]);
+        assume_peer_holds_shared(&mut state);
         let Some(msg) = doc.generate_sync_message(&mut state) else {
             return Ok(());
         };
@@ -1677,6 +1676,26 @@ impl Session {
         let result = self.after_input(store);
         self.fail_on_err(result)
     }
+}
+
+/// Sets up a sync state as if the peer had just said it holds the heads we
+/// last shared with it, and nothing more: the next message then carries
+/// every change since those heads. Nothing happens to a state without
+/// shared heads (we never synced the case with this peer). Should the
+/// peer hold less (restored from an older copy), the changes arrive with
+/// missing dependencies and the peer asks for a reset (see
+/// `Session::apply_case_message`).
+fn assume_peer_holds_shared(state: &mut AmState) {
+    if state.shared_heads.is_empty() || state.their_heads.is_some() {
+        return;
+    }
+    let shared = state.shared_heads.clone();
+    state.their_heads = Some(shared.clone());
+    state.their_need = Some(Vec::new());
+    state.their_have = Some(vec![Have {
+        last_sync: shared,
+        bloom: BloomFilter::default(),
+    }]);
 }
 
 /// Whether two sets of heads are the same, in any order.

@@ -264,6 +264,48 @@ fn a_live_session_pushes_an_edit_made_after_convergence() {
 }
 
 #[test]
+fn each_live_edit_is_one_message_and_is_recorded_as_shared_when_the_session_settles() {
+    let mut laptop = MemoryNode::default();
+    let mut center = MemoryNode::default();
+    laptop
+        .docs
+        .insert(id("LAP-1"), new_case(1, "LAP-1", "0901"));
+    let live = SessionConfig {
+        live: true,
+        ..SessionConfig::default()
+    };
+    let mut l = start(&mut laptop, "right", live);
+    let mut c = start(&mut center, "left", SessionConfig::default());
+    pump((&mut l, &mut laptop), (&mut c, &mut center), usize::MAX).unwrap();
+
+    for (round, note) in ["received", "checked", "result ready"].iter().enumerate() {
+        let sent_before = c.stats().case_messages_sent;
+        let received_before = l.stats().case_messages_sent;
+        edit(&mut center, 2, "LAP-1", "status_note", note);
+        c.handle_local_change(&id("LAP-1"), &mut center.for_peer("left"))
+            .unwrap();
+        pump((&mut l, &mut laptop), (&mut c, &mut center), usize::MAX).unwrap();
+        assert_eq!(get(&laptop, "LAP-1", "status_note").as_deref(), Some(*note));
+        assert_eq!(
+            (
+                c.stats().case_messages_sent - sent_before,
+                l.stats().case_messages_sent - received_before
+            ),
+            (1, 0),
+            "round {round}: one message, no acknowledgement"
+        );
+        // Settled: the center knows the laptop holds its heads.
+        let state = &center.sync_states[&("left".to_string(), id("LAP-1"))];
+        let shared = automerge::sync::State::decode(state).unwrap().shared_heads;
+        assert_eq!(
+            shared,
+            center.docs[&id("LAP-1")].get_heads(),
+            "round {round}"
+        );
+    }
+}
+
+#[test]
 fn garbage_from_a_peer_closes_the_session_and_writes_nothing() {
     let mut center = MemoryNode::default();
     let mut c = start(&mut center, "left", SessionConfig::default());
