@@ -248,8 +248,10 @@ enum CaseCommand {
     /// Import cases from a CSV file (header row) or JSON Lines, the same
     /// fields as `case new`. Invalid rows are listed by line and skipped;
     /// the valid rows are imported (unless --dry-run) and the exit status
-    /// is non-zero if any row was invalid. Not idempotent: importing a file
-    /// twice creates its cases twice.
+    /// is non-zero if any row was invalid. A row imported before (the same
+    /// content, the same copy of it in its file) is skipped and listed with
+    /// its case code, so a file can be imported again after a failure or
+    /// after fixing its invalid rows.
     Import {
         /// The file (`-` for standard input, which needs --format).
         file: PathBuf,
@@ -259,6 +261,9 @@ enum CaseCommand {
         /// Check every row and report, writing nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Import rows even if an identical row was imported before.
+        #[arg(long)]
+        again: bool,
         /// Machine-readable report.
         #[arg(long)]
         json: bool,
@@ -572,6 +577,7 @@ fn import(
     file: &Path,
     format: Option<&str>,
     dry_run: bool,
+    again: bool,
     json: bool,
 ) -> Result<()> {
     let stdin = file.as_os_str() == "-";
@@ -582,11 +588,11 @@ fn import(
         )
     })?;
     let report = if stdin {
-        node.import(std::io::stdin().lock(), format, dry_run)?
+        node.import(std::io::stdin().lock(), format, dry_run, again)?
     } else {
         let f =
             std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
-        node.import(f, format, dry_run)?
+        node.import(f, format, dry_run, again)?
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -602,8 +608,7 @@ fn import(
         }
         bail!(
             "{} invalid row(s) were not imported; the {} valid row(s) were. Fix the invalid \
-             rows in a new file holding only them: importing the whole file again would \
-             create the valid rows twice",
+             rows and import the file again: the rows already imported are skipped",
             report.invalid_count,
             report.imported
         );
@@ -758,8 +763,9 @@ fn case_command(home: &Path, cmd: CaseCommand) -> Result<()> {
             file,
             format,
             dry_run,
+            again,
             json,
-        } => import(&mut node, &file, format.as_deref(), dry_run, json)?,
+        } => import(&mut node, &file, format.as_deref(), dry_run, again, json)?,
         CaseCommand::Export { format, out } => export(&node, format.as_deref(), out.as_deref())?,
         CaseCommand::Attach {
             code,

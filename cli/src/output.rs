@@ -344,16 +344,25 @@ pub fn print_files(files: &[FileEntry]) {
     );
 }
 
-/// The summary of `case import`: counts, then one line per invalid row.
+/// Rows imported before that the text report lists one by one.
+const MAX_ALREADY_LISTED: usize = 20;
+
+/// The summary of `case import`: counts, then one line per row imported
+/// before (the first few) and per invalid row.
 pub fn print_import(r: &ImportReport) {
+    let already = match r.already_imported_count {
+        0 => String::new(),
+        n => format!(", {n} imported before (skipped)"),
+    };
     if r.dry_run {
         println!(
-            "dry run: {} valid rows would be imported, {} invalid rows; nothing was written",
-            r.valid, r.invalid_count
+            "dry run: {} valid rows would be imported, {} invalid rows{already}; nothing was written",
+            r.valid - r.already_imported_count,
+            r.invalid_count
         );
     } else {
         println!(
-            "imported {} cases, {} invalid rows",
+            "imported {} cases, {} invalid rows{already}",
             r.imported, r.invalid_count
         );
         if let (Some(first), Some(last)) = (&r.first_code, &r.last_code) {
@@ -368,6 +377,15 @@ pub fn print_import(r: &ImportReport) {
     }
     if r.blank_rows > 0 {
         println!("skipped {} blank rows", r.blank_rows);
+    }
+    for a in r.already_imported.iter().take(MAX_ALREADY_LISTED) {
+        println!("line {}: imported before as {}", a.line, a.code);
+    }
+    if r.already_imported_count > MAX_ALREADY_LISTED as u64 {
+        println!(
+            "... and {} more rows imported before (--json lists them; --again imports them anyway)",
+            r.already_imported_count - MAX_ALREADY_LISTED as u64
+        );
     }
     for e in &r.invalid {
         println!("line {}: {}", e.line, e.reason);

@@ -38,12 +38,20 @@
 //! before anything is written. JSON Lines has no header: an unknown key
 //! makes that line invalid.
 //!
-//! Import is not idempotent: importing a file twice creates every case
-//! twice, with different codes. No column identifies a case naturally — the
-//! same citizen (same ID number) legitimately files several applications,
-//! even of the same procedure — so there is nothing to deduplicate on
-//! safely. Run with `dry_run` first; after a partial failure, import only
-//! the rows that were not imported (see [`BulkError::Interrupted`]).
+//! Importing a file again imports only what is not in yet. No column
+//! identifies a case — the same citizen (same ID number) legitimately
+//! files several applications, even of the same procedure — so a row is
+//! known by its content (procedure, applicant, village and every field,
+//! whatever the format or column order) and by how many identical rows
+//! came before it in its file: the first copy of a row, the second copy,
+//! and so on. Each imported row's key is stored with the case it became,
+//! in the same transaction ([`crate::store::Store::create_cases_batch_keyed`]).
+//! So after a crash or a full disk halfway, or after fixing the invalid rows
+//! of a spreadsheet, the same (or the fixed) file is simply imported again,
+//! and each row already in is reported with its case code instead of being
+//! created twice. Two identical rows in one file are two applications; an
+//! identical row in a later file is taken for one already imported, unless
+//! the import is told `again`.
 //!
 //! # Bounds
 //!
@@ -64,6 +72,7 @@
 //! knows the physical line each record starts on, skips an over-long row
 //! and carries on, and strips the byte-order mark Excel writes.
 
+use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
@@ -72,7 +81,7 @@ use thiserror::Error;
 
 use crate::case::{self, procedures, CaseView, NewCase};
 use crate::node::{create_error, now_ms, Node, NodeError};
-use crate::store::par_map;
+use crate::store::{par_map, RowKey};
 use automerge::Automerge;
 
 /// Longest accepted row (CSV record or JSON line), in bytes. A case has
@@ -220,10 +229,11 @@ pub enum BulkError {
     Write(#[source] io::Error),
     /// The import stopped part-way after some batches were committed. The
     /// rows before `line` (that were valid) are imported, the rows from
-    /// `line` on are not: import only those again.
+    /// `line` on are not: import the file again, which skips the first.
     #[error(
         "import stopped at line {line}: {source}. {imported} case(s) from the valid rows \
-         before line {line} were imported; rows from line {line} on were not"
+         before line {line} were imported; rows from line {line} on were not. Import the \
+         file again once this is fixed: the rows already imported are skipped"
     )]
     Interrupted {
         /// First line not imported.
@@ -245,6 +255,15 @@ fn quoted(names: &[String]) -> String {
         .map(|n| format!("'{n}'"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// A row skipped because it was imported before.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AlreadyImported {
+    /// Line where the row starts.
+    pub line: u64,
+    /// The case it became then.
+    pub code: String,
 }
 
 /// One invalid row.
@@ -271,6 +290,11 @@ pub struct ImportReport {
     pub imported: u64,
     /// Rows refused.
     pub invalid_count: u64,
+    /// Valid rows skipped because they were imported before (0 when
+    /// imported `again`).
+    pub already_imported_count: u64,
+    /// The first [`MAX_LISTED_INVALID`] of those, in file order.
+    pub already_imported: Vec<AlreadyImported>,
     /// The first [`MAX_LISTED_INVALID`] refused rows, in file order.
     pub invalid: Vec<RowError>,
     /// Read-only columns (or JSON keys) that were present and ignored.
@@ -294,12 +318,21 @@ impl ImportReport {
             valid: 0,
             imported: 0,
             invalid_count: 0,
+            already_imported_count: 0,
+            already_imported: Vec::new(),
             invalid: Vec::new(),
             ignored_columns: Vec::new(),
             blank_rows: 0,
             first_code: None,
             last_code: None,
             batches: 0,
+        }
+    }
+
+    fn already(&mut self, line: u64, code: String) {
+        self.already_imported_count += 1;
+        if self.already_imported.len() < MAX_LISTED_INVALID {
+            self.already_imported.push(AlreadyImported { line, code });
         }
     }
 
@@ -452,6 +485,36 @@ struct Importer<'n> {
     node: &'n mut Node,
     report: ImportReport,
     pending: Pending,
+    /// Valid rows seen so far per content digest: the occurrence number
+    /// that is part of a row's key.
+    seen: HashMap<[u8; 32], u64>,
+    /// Import rows even if they were imported before (and record none).
+    again: bool,
+}
+
+/// A digest of what a row says, the same whatever the format, the order
+/// of the columns or the spreadsheet it came from.
+fn row_content(new: &NewCase) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"fieldcase import row 1\0");
+    let mut fields: Vec<&(String, String)> = new.fields.iter().collect();
+    fields.sort();
+    let parts = [&new.procedure, &new.applicant, &new.village]
+        .into_iter()
+        .chain(fields.into_iter().flat_map(|(k, v)| [k, v]));
+    for part in parts {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    *h.finalize().as_bytes()
+}
+
+/// The key of the `occurrence`-th row (from 0) with this content in a file.
+fn row_key(content: &[u8; 32], occurrence: u64) -> RowKey {
+    let mut h = blake3::Hasher::new();
+    h.update(content);
+    h.update(&occurrence.to_le_bytes());
+    *h.finalize().as_bytes()
 }
 
 impl Importer<'_> {
@@ -528,12 +591,49 @@ impl Importer<'_> {
             }
         }
         self.report.valid += cases.len() as u64;
+        if cases.is_empty() {
+            return Ok(());
+        }
+        // Which of them are in already, from an earlier import.
+        let keys: Vec<RowKey> = cases
+            .iter()
+            .map(|new| {
+                let content = row_content(new);
+                let n = self.seen.entry(content).or_insert(0);
+                *n += 1;
+                row_key(&content, *n - 1)
+            })
+            .collect();
+        let (mut lines, mut cases, mut prebuilt, mut keys) = (lines, cases, prebuilt, keys);
+        if !self.again {
+            let found = self
+                .node
+                .store
+                .imported_codes(&keys)
+                .map_err(|e| self.interrupted(lines[0], NodeError::from(e).into()))?;
+            if found.iter().any(Option::is_some) {
+                let rows = lines.into_iter().zip(cases).zip(prebuilt).zip(keys);
+                (lines, cases, prebuilt, keys) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                for ((((line, new), doc), key), code) in rows.zip(found) {
+                    match code {
+                        Some(code) => self.report.already(line, code),
+                        None => {
+                            lines.push(line);
+                            cases.push(new);
+                            prebuilt.push(doc);
+                            keys.push(key);
+                        }
+                    }
+                }
+            }
+        }
         if self.report.dry_run || cases.is_empty() {
             return Ok(());
         }
+        let keys = (!self.again).then_some(keys);
         let codes = self
             .node
-            .create_prebuilt(&cases, prebuilt, now)
+            .create_prebuilt(&cases, prebuilt, keys.as_deref(), now)
             .map_err(|e| self.interrupted(lines[0], e.into()))?;
         self.report.imported += codes.len() as u64;
         self.report.batches += 1;
@@ -586,7 +686,7 @@ impl Node {
                 .ok()
                 .map(|doc| (code, doc))
         });
-        self.create_prebuilt(cases, prebuilt, now)
+        self.create_prebuilt(cases, prebuilt, None, now)
     }
 
     /// [`Node::create_cases`] with documents built ahead for predicted
@@ -596,13 +696,14 @@ impl Node {
         &mut self,
         cases: &[NewCase],
         mut prebuilt: Vec<Prebuilt>,
+        row_keys: Option<&[RowKey]>,
         now: i64,
     ) -> Result<Vec<String>, NodeError> {
         let prefix = self.node_id().short_prefix();
         let author = self.author.clone();
         let codes = self
             .store
-            .create_cases_batch(cases.len(), |i, seq| {
+            .create_cases_batch_keyed(cases.len(), row_keys, |i, seq| {
                 let code = format!("{prefix}-{seq:06}");
                 match prebuilt.get_mut(i).and_then(Option::take) {
                     Some((c, doc)) if c == code => Ok((code, doc)),
@@ -619,18 +720,22 @@ impl Node {
     /// row is validated by the case model; invalid rows are listed in the
     /// report (line and reason) and skipped, valid rows are created in
     /// transactions of at most [`IMPORT_BATCH_ROWS`]. With `dry_run`
-    /// nothing is written. Not idempotent: the same file imported twice
-    /// creates every case twice.
+    /// nothing is written. Rows imported before (by any file) are skipped
+    /// and listed with their case codes, unless `again`; see the [module
+    /// docs](crate::bulk) for how a row is recognised.
     pub fn import<R: Read>(
         &mut self,
         reader: R,
         format: Format,
         dry_run: bool,
+        again: bool,
     ) -> Result<ImportReport, BulkError> {
         let mut imp = Importer {
             node: self,
             report: ImportReport::new(format, dry_run),
             pending: Pending::new(),
+            seen: HashMap::new(),
+            again,
         };
         let reader = BufReader::with_capacity(64 * 1024, reader);
         match format {

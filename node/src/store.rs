@@ -20,7 +20,7 @@
 //!   it describes: both are written in the same transaction;
 //! - panic on anything read from disk or received from a peer.
 //!
-//! # Schema (version 3, `PRAGMA user_version`)
+//! # Schema (version 4, `PRAGMA user_version`)
 //!
 //! - `meta(key, value)`: free-form node settings (node name, role, ...).
 //! - `counters(name, value)`: integer counters that must survive crashes:
@@ -52,9 +52,16 @@
 //!   which of the peer's stores that count refers to. `meta.store_id` is
 //!   this store's own random identity, made once.
 //!
+//! - `import_rows(row_key, code)` (since version 4): one row per imported
+//!   spreadsheet row, keyed by a digest of its content and how many
+//!   identical rows came before it in its file (see `crate::bulk`), with
+//!   the code of the case it became; written in the transaction that
+//!   creates the case, so importing a file again skips what is already in.
+//!
 //! Older databases are migrated on open, in one transaction: version 1
 //! gets `case_blobs`, filled by re-projecting every stored case; version 2
-//! gets `peer_cursors` and a store id.
+//! gets `peer_cursors` and a store id; version 3 gets `import_rows`
+//! (empty: imports before it were not recorded).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -85,7 +92,7 @@ pub const CREATE_BATCH_MAX: usize = 10_000;
 const PAR_THREADS_MAX: usize = 4;
 
 /// Schema version written to `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Longest accepted case code, in bytes. Codes arrive from peers; the bound
 /// keeps a hostile or buggy peer from filling indexes with huge keys.
@@ -776,6 +783,18 @@ CREATE TABLE peer_cursors (
 PRAGMA user_version = 3;
 ";
 
+/// Version 3 -> 4: imported rows (see [`Store::create_cases_batch_keyed`]).
+const SCHEMA_V4: &str = "
+CREATE TABLE import_rows (
+    row_key BLOB PRIMARY KEY,
+    code    TEXT NOT NULL
+) WITHOUT ROWID;
+PRAGMA user_version = 4;
+";
+
+/// Identifies one imported row: see `crate::bulk`.
+pub type RowKey = [u8; 32];
+
 /// Meta key of this store's random identity (16 bytes).
 const META_STORE_ID: &str = "store_id";
 
@@ -904,6 +923,9 @@ impl Store {
             )
             .map_err(sql)?;
         }
+        if found < 4 {
+            tx.execute_batch(SCHEMA_V4).map_err(sql)?;
+        }
         tx.commit().map_err(sql)?;
         Ok(())
     }
@@ -995,11 +1017,33 @@ impl Store {
     pub fn create_cases_batch<F, E>(
         &mut self,
         count: usize,
+        make: F,
+    ) -> Result<Vec<String>, CreateError<E>>
+    where
+        F: FnMut(usize, u64) -> Result<(String, Automerge), E>,
+    {
+        self.create_cases_batch_keyed(count, None, make)
+    }
+
+    /// [`Store::create_cases_batch`] for imported rows: `row_keys[i]` is
+    /// recorded with the code of case `i` in the same transaction, so a
+    /// crash leaves either both or neither, and [`Store::imported_codes`]
+    /// finds the row if its file is imported again.
+    pub fn create_cases_batch_keyed<F, E>(
+        &mut self,
+        count: usize,
+        row_keys: Option<&[RowKey]>,
         mut make: F,
     ) -> Result<Vec<String>, CreateError<E>>
     where
         F: FnMut(usize, u64) -> Result<(String, Automerge), E>,
     {
+        if row_keys.is_some_and(|k| k.len() != count) {
+            return Err(CreateError::Store(StoreError::Invalid {
+                what: "row keys",
+                reason: format!("one per case: {count} cases"),
+            }));
+        }
         if count > CREATE_BATCH_MAX {
             return Err(CreateError::Store(StoreError::Invalid {
                 what: "batch size",
@@ -1045,9 +1089,14 @@ impl Store {
             project(projector, doc).map(|p| (p, encode_heads(&sorted_heads(doc)), doc.save()))
         });
         let mut codes = Vec::with_capacity(count);
-        for ((code, _), prepared) in made.into_iter().zip(prepared) {
+        for (i, ((code, _), prepared)) in made.into_iter().zip(prepared).enumerate() {
             let (projection, heads, snapshot) = prepared.map_err(CreateError::Rejected)?;
             insert_case(&tx, &path, &code, &heads, &snapshot, &projection)?;
+            if let Some(keys) = row_keys {
+                tx.prepare_cached("INSERT INTO import_rows (row_key, code) VALUES (?1, ?2)")
+                    .and_then(|mut st| st.execute(params![&keys[i][..], &code]))
+                    .map_err(sql)?;
+            }
             codes.push(code);
         }
         tx.execute(
@@ -1057,6 +1106,22 @@ impl Store {
         .map_err(sql)?;
         tx.commit().map_err(sql)?;
         Ok(codes)
+    }
+
+    /// For each row key, the code of the case it was imported as, if it
+    /// was (see [`Store::create_cases_batch_keyed`]).
+    pub fn imported_codes(&self, keys: &[RowKey]) -> Result<Vec<Option<String>>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT code FROM import_rows WHERE row_key = ?1")
+            .map_err(self.sql())?;
+        keys.iter()
+            .map(|k| {
+                st.query_row([&k[..]], |r| r.get(0))
+                    .optional()
+                    .map_err(self.sql())
+            })
+            .collect()
     }
 
     /// The sequence number the next created case will get (read only; a
@@ -2332,6 +2397,46 @@ mod tests {
         assert!(matches!(
             store.load_case(&code),
             Err(StoreError::CorruptCase { .. })
+        ));
+    }
+
+    #[test]
+    fn imported_row_keys_are_written_with_their_cases_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(&dir);
+        let keys = [[1u8; 32], [2u8; 32]];
+        let codes = store
+            .create_cases_batch_keyed(2, Some(&keys), |i, seq| {
+                Ok::<_, AutomergeError>((
+                    format!("K7QF2M-{seq:04}"),
+                    new_doc("received", &format!("Thôn {i}")),
+                ))
+            })
+            .unwrap();
+        let unknown = [3u8; 32];
+        assert_eq!(
+            store.imported_codes(&[keys[1], unknown, keys[0]]).unwrap(),
+            [Some(codes[1].clone()), None, Some(codes[0].clone())]
+        );
+        // A batch refused half-way records no key either.
+        let err = store.create_cases_batch_keyed(2, Some(&[[4u8; 32], [5u8; 32]]), |i, seq| {
+            if i == 1 {
+                return Err("bad row");
+            }
+            Ok((format!("K7QF2M-{seq:04}"), new_doc("received", "x")))
+        });
+        assert!(matches!(err, Err(CreateError::Make("bad row"))));
+        assert_eq!(
+            store.imported_codes(&[[4u8; 32]]).unwrap(),
+            [None::<String>]
+        );
+        // One key per case.
+        let err = store.create_cases_batch_keyed(2, Some(&[[6u8; 32]]), |_, seq| {
+            Ok::<_, AutomergeError>((format!("K7QF2M-{seq:04}"), new_doc("received", "x")))
+        });
+        assert!(matches!(
+            err,
+            Err(CreateError::Store(StoreError::Invalid { .. }))
         ));
     }
 

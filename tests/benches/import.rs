@@ -304,7 +304,7 @@ fn main() -> anyhow::Result<()> {
 
     let mut center = fresh(dir.path(), "center")?;
     let (dry, dry_t, dry_c) =
-        timed(|| Ok(center.import(std::fs::File::open(&input)?, Format::Csv, true)?))?;
+        timed(|| Ok(center.import(std::fs::File::open(&input)?, Format::Csv, true, false)?))?;
     anyhow::ensure!(
         dry.valid == rows as u64,
         "dry run: {} invalid, first {:?}",
@@ -312,7 +312,7 @@ fn main() -> anyhow::Result<()> {
         dry.invalid.first()
     );
     let (report, import_t, import_c) =
-        timed(|| Ok(center.import(std::fs::File::open(&input)?, Format::Csv, false)?))?;
+        timed(|| Ok(center.import(std::fs::File::open(&input)?, Format::Csv, false, false)?))?;
     anyhow::ensure!(
         report.imported == rows as u64 && report.invalid_count == 0,
         "import: {} imported, {} invalid, first {:?}",
@@ -336,7 +336,7 @@ fn main() -> anyhow::Result<()> {
 
     let mut other = fresh(dir.path(), "other")?;
     let (again, again_t, again_c) =
-        timed(|| Ok(other.import(std::fs::File::open(&csv_out)?, Format::Csv, false)?))?;
+        timed(|| Ok(other.import(std::fs::File::open(&csv_out)?, Format::Csv, false, false)?))?;
     anyhow::ensure!(
         again.imported == rows as u64,
         "re-import: {} imported, first invalid {:?}",

@@ -8,7 +8,8 @@
 //! - `--dry-run` checks everything and writes nothing;
 //! - export → import into another node → export keeps every field, in CSV
 //!   and in JSON Lines;
-//! - import is not idempotent: the same file twice gives twice the cases;
+//! - importing a file again (the same, fixed, or in another format) skips
+//!   the rows already in, and `--again` imports them anyway;
 //! - a wrong header stops the import before anything is written;
 //! - thousands of rows go in bounded transactions, and a huge line is
 //!   refused without stopping the rest.
@@ -372,25 +373,63 @@ fn export_import_export_keeps_every_field_in_csv_and_jsonl() -> Result<()> {
     Ok(())
 }
 
+const TWO_JSONL: &str = "{\"procedure\":\"certification\",\"applicant\":\"Ngô Văn Hải\",\"village\":\"Thôn 1\",\"copies-count\":2,\"certification-type\":\"copy\",\"document-title\":\"Học bạ\"}\n\
+{\"procedure\":\"health-insurance\",\"applicant\":\"Lý Thị Huệ\",\"village\":\"Thôn 2\",\"phone\":null}\n";
+
 #[test]
-fn importing_the_same_file_twice_creates_the_cases_twice() -> Result<()> {
+fn importing_a_file_again_skips_the_rows_already_in_whatever_the_format() -> Result<()> {
     setup();
     let center = Node::init("center", "center")?;
-    let file = write(
-        &center,
-        "two.jsonl",
-        "{\"procedure\":\"certification\",\"applicant\":\"Ngô Văn Hải\",\"village\":\"Thôn 1\",\"copies-count\":2,\"certification-type\":\"copy\",\"document-title\":\"Học bạ\"}\n\
-         {\"procedure\":\"health-insurance\",\"applicant\":\"Lý Thị Huệ\",\"village\":\"Thôn 2\",\"phone\":null}\n",
-    )?;
+    let file = write(&center, "two.jsonl", TWO_JSONL)?;
     let first = center.ok(&["case", "import", path_str(&file)])?;
+    ensure!(
+        first.stdout.contains("imported 2 cases, 0 invalid rows"),
+        "{}",
+        first.stdout
+    );
+    let codes = center.codes()?;
+    ensure!(codes.len() == 2, "{codes:?}");
+
+    // The clerk is not sure the import went through and runs it again.
     let second = center.ok(&["case", "import", path_str(&file)])?;
-    for out in [&first, &second] {
+    ensure!(
+        second
+            .stdout
+            .contains("imported 0 cases, 0 invalid rows, 2 imported before (skipped)"),
+        "{}",
+        second.stdout
+    );
+    for (line, code) in [(1, &codes[0]), (2, &codes[1])] {
         ensure!(
-            out.stdout.contains("imported 2 cases, 0 invalid rows"),
+            second
+                .stdout
+                .contains(&format!("line {line}: imported before as {code}")),
             "{}",
-            out.stdout
+            second.stdout
         );
     }
+    // The same rows typed into a spreadsheet, columns in another order.
+    let csv = "village,applicant,procedure,document-title,certification-type,copies-count,phone\n\
+               Thôn 2,Lý Thị Huệ,health-insurance,,,,\n\
+               Thôn 1,Ngô Văn Hải,certification,Học bạ,copy,2,\n";
+    let file_csv = write(&center, "two.csv", csv)?;
+    let third = center.ok(&["case", "import", path_str(&file_csv), "--dry-run"])?;
+    ensure!(
+        third
+            .stdout
+            .contains("dry run: 0 valid rows would be imported, 0 invalid rows, 2 imported before"),
+        "{}",
+        third.stdout
+    );
+    ensure!(center.codes()?.len() == 2);
+
+    // Two more applications with the same details, on purpose.
+    let again = center.ok(&["case", "import", path_str(&file), "--again"])?;
+    ensure!(
+        again.stdout.contains("imported 2 cases, 0 invalid rows"),
+        "{}",
+        again.stdout
+    );
     let codes = center.codes()?;
     ensure!(codes.len() == 4, "{codes:?}");
     let names: Vec<String> = codes
@@ -399,6 +438,56 @@ fn importing_the_same_file_twice_creates_the_cases_twice() -> Result<()> {
         .collect::<Result<_>>()?;
     ensure!(names == ["Ngô Văn Hải", "Lý Thị Huệ", "Ngô Văn Hải", "Lý Thị Huệ"]);
     ensure!(field(&center.show_json(&codes[0])?, "copies-count") == "2");
+    Ok(())
+}
+
+#[test]
+fn after_fixing_its_invalid_rows_the_whole_spreadsheet_is_imported_again() -> Result<()> {
+    setup();
+    let center = Node::init("center", "center")?;
+    let file = write(&center, "backlog.csv", MESSY)?;
+    center.run(&["case", "import", path_str(&file)])?.failed()?;
+    ensure!(center.codes()?.len() == 3);
+
+    // The clerk fixes the impossible date and the short ID number in the
+    // spreadsheet and imports the whole file again.
+    let fixed = MESSY
+        .replace("1985-02-30", "1985-02-28")
+        .replace(",12345,", ",001085012345,");
+    let file = write(&center, "backlog.csv", &fixed)?;
+    let out = center.run(&["case", "import", path_str(&file)])?.failed()?;
+    ensure!(
+        out.stdout
+            .contains("imported 2 cases, 2 invalid rows, 3 imported before (skipped)"),
+        "{}",
+        out.describe()
+    );
+    let codes = center.codes()?;
+    ensure!(codes.len() == 5, "{codes:?}");
+    let dung = center.show_json(&codes[3])?;
+    ensure!(field(&dung, "applicant") == "Hoàng Thị Dung");
+    ensure!(field(&dung, "birth-date") == "1985-02-28");
+    Ok(())
+}
+
+#[test]
+fn two_identical_rows_in_one_file_are_two_applications_each_imported_once() -> Result<()> {
+    setup();
+    let center = Node::init("center", "center")?;
+    let row = "{\"procedure\":\"certification\",\"applicant\":\"Ngô Văn Hải\",\"village\":\"Thôn 1\",\"copies-count\":1,\"certification-type\":\"copy\",\"document-title\":\"Giấy khai sinh\"}\n";
+    let file = write(&center, "same.jsonl", &row.repeat(2))?;
+    let out = center.ok(&["case", "import", path_str(&file)])?;
+    ensure!(out.stdout.contains("imported 2 cases"), "{}", out.stdout);
+    // A third copy added at the end is a third application.
+    let file = write(&center, "same.jsonl", &row.repeat(3))?;
+    let out = center.ok(&["case", "import", path_str(&file)])?;
+    ensure!(
+        out.stdout
+            .contains("imported 1 cases, 0 invalid rows, 2 imported before (skipped)"),
+        "{}",
+        out.stdout
+    );
+    ensure!(center.codes()?.len() == 3);
     Ok(())
 }
 
