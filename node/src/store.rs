@@ -2867,6 +2867,11 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
+        // Version 4's record of imported rows is there, empty.
+        assert_eq!(
+            store.imported_codes(&[[0u8; 32]]).unwrap(),
+            [None::<String>]
+        );
         let notice = blake3::hash(b"notice").to_hex().to_string();
         let id = blake3::hash(b"id").to_hex().to_string();
         let mut want = vec![
