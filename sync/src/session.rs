@@ -600,13 +600,16 @@ impl Session {
     ) -> Result<(), SessionError> {
         match self.phase {
             Phase::Sync => {
-                // Offered ahead of any queued backlog: a person is waiting.
-                if self.queued.insert(case.clone()) {
-                    self.to_offer.push_front(case.clone());
-                }
-                let result = self
-                    .fill_inner(store)
-                    .and_then(|()| self.after_input(store));
+                // Pushed at once when we synced the case with this peer
+                // before (protocol 4): one message. Otherwise offered
+                // ahead of any queued backlog: a person is waiting.
+                let result = self.push_case(case, store).and_then(|pushed| {
+                    if !pushed && self.queued.insert(case.clone()) {
+                        self.to_offer.push_front(case.clone());
+                    }
+                    self.fill_inner(store)?;
+                    self.after_input(store)
+                });
                 self.fail_on_err(result)
             }
             Phase::Hello => {
@@ -1358,30 +1361,18 @@ impl Session {
         doc: &Automerge,
         store: &mut dyn CaseStore,
     ) -> Result<(), SessionError> {
-        let no_answer_rule = self.version >= PUSH_VERSION;
         let state = self.state_for(case, store)?;
         match doc.generate_sync_message(state) {
             Some(msg) => {
-                // The peer holds nothing we lack (we know all its heads),
-                // and this message brings it everything it lacks: it will
-                // be at our heads and, in protocol 4, say nothing. Then the
-                // exchange is over on our side too; should a Bloom filter
-                // false positive leave it short, it answers and we go on
-                // from the stored state.
-                let done = no_answer_rule
-                    && state
-                        .their_heads
-                        .as_ref()
-                        .is_some_and(|h| automerge::ReadDoc::get_missing_deps(doc, h).is_empty());
                 if !msg.changes.is_empty() {
                     self.stats.cases_sent.insert(case.clone());
                 }
                 self.stats.case_messages_sent += 1;
-                if done {
-                    self.finish_unanswered(case, doc.get_heads());
-                } else {
-                    self.in_flight.insert(case.clone());
-                }
+                // Every case message is answered (until Automerge has
+                // nothing more to say), so the in-flight bound holds the
+                // peer's queue of answers to us to what we asked. Only a
+                // push goes unanswered, and pushes are bounded apart.
+                self.in_flight.insert(case.clone());
                 self.send(Message::CaseSync {
                     case: case.clone(),
                     data: msg.encode(),
@@ -1425,10 +1416,7 @@ impl Session {
         data: Vec<u8>,
         store: &mut dyn CaseStore,
     ) -> Result<(), SessionError> {
-        let (doc, theirs) = self.apply_case_message(&case, &data, store)?;
-        if self.version >= PUSH_VERSION && same_heads(&doc.get_heads(), theirs) {
-            return self.end_quietly(&case);
-        }
+        let (doc, _) = self.apply_case_message(&case, &data, store)?;
         self.reply(&case, &doc, store)
     }
 
@@ -1450,12 +1438,15 @@ impl Session {
         self.reply(&case, &doc, store)
     }
 
-    /// Protocol 4: the peer's message left us at its very heads, so
-    /// neither side lacks anything and we do not answer (Automerge would
-    /// send a message just to say so). The sync state was persisted with
-    /// the commit; the peer records the same at convergence.
+    /// A push left us at the pusher's very heads, so neither side lacks
+    /// anything and we do not answer (Automerge would send a message just
+    /// to say so). The sync state was persisted with the commit; the peer
+    /// records the same at convergence. An exchange of ours for the case
+    /// that crossed the push still gets its answer.
     fn end_quietly(&mut self, case: &CaseId) -> Result<(), SessionError> {
-        self.in_flight.remove(case);
+        if self.in_flight.contains(case) {
+            return Ok(());
+        }
         self.states.remove(case);
         self.persisted_shared.remove(case);
         Ok(())
@@ -1467,46 +1458,60 @@ impl Session {
     /// a case with an exchange already running, or whose message would be
     /// split; the peer asks for those the usual way.
     fn try_push(&mut self, case: &CaseId, store: &mut dyn CaseStore) -> Result<(), SessionError> {
-        if self.pushed.contains(case)
-            || self.queued.contains(case)
-            || self.states.contains_key(case)
-        {
-            return Ok(());
+        if !self.pushed.contains(case) && self.push_case(case, store)? {
+            self.pushed.insert(case.clone());
+            self.pushed_before_hello |= self.phase == Phase::Hello;
+        }
+        Ok(())
+    }
+
+    /// Sends `case` as a [`Message::CasePush`] if the peer speaks protocol
+    /// 4, no exchange for it is running, and we hold a sync state for it
+    /// with changes since; true if sent.
+    fn push_case(
+        &mut self,
+        case: &CaseId,
+        store: &mut dyn CaseStore,
+    ) -> Result<bool, SessionError> {
+        let version = match self.phase {
+            Phase::Hello => self.remembered_version.min(self.config.version_max),
+            _ => self.version,
+        };
+        if version < PUSH_VERSION || self.queued.contains(case) || self.states.contains_key(case) {
+            return Ok(false);
         }
         let Some(mut state) = store
             .load_sync_state(case)?
             .and_then(|bytes| AmState::decode(&bytes).ok())
         else {
-            return Ok(());
+            return Ok(false);
         };
         if state.shared_heads.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let Some(doc) = store.load(case)? else {
-            return Ok(());
+            return Ok(false);
         };
         assume_peer_holds_shared(&mut state);
         let Some(msg) = doc.generate_sync_message(&mut state) else {
-            return Ok(());
+            return Ok(false);
         };
         if msg.changes.is_empty() {
             // The peer holds all we have of it; the listing says so.
-            return Ok(());
+            return Ok(false);
         }
         let data = msg.encode();
         if data.len() > self.config.split_above_bytes {
-            return Ok(());
+            return Ok(false);
         }
-        self.pushed.insert(case.clone());
         self.finish_unanswered(case, doc.get_heads());
-        self.pushed_before_hello |= self.phase == Phase::Hello;
         self.stats.cases_sent.insert(case.clone());
         self.stats.case_messages_sent += 1;
         self.send(Message::CasePush {
             case: case.clone(),
             data,
         });
-        Ok(())
+        Ok(true)
     }
 
     /// Whether listed cases may be pushed now: the peer speaks protocol 4
