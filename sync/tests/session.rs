@@ -229,8 +229,9 @@ fn bytes_arriving_one_at_a_time_make_no_difference() {
     assert_eq!(center.docs.len(), 2);
 }
 
-#[test]
-fn a_live_session_pushes_an_edit_made_after_convergence() {
+/// A laptop with one case in a live session (`sync --watch`) with the
+/// center, synced up: (laptop, center, laptop's session, center's).
+fn live_pair() -> (MemoryNode, MemoryNode, Session, Session) {
     let mut laptop = MemoryNode::default();
     let mut center = MemoryNode::default();
     laptop
@@ -243,6 +244,12 @@ fn a_live_session_pushes_an_edit_made_after_convergence() {
     let mut l = start(&mut laptop, "right", live);
     let mut c = start(&mut center, "left", SessionConfig::default());
     pump((&mut l, &mut laptop), (&mut c, &mut center), usize::MAX).unwrap();
+    (laptop, center, l, c)
+}
+
+#[test]
+fn a_live_session_pushes_an_edit_made_after_convergence() {
+    let (mut laptop, mut center, mut l, mut c) = live_pair();
     assert_eq!(l.phase(), Phase::Sync, "live sessions stay open");
     assert_eq!(
         c.phase(),
@@ -265,18 +272,7 @@ fn a_live_session_pushes_an_edit_made_after_convergence() {
 
 #[test]
 fn each_live_edit_is_one_message_and_is_recorded_as_shared_when_the_session_settles() {
-    let mut laptop = MemoryNode::default();
-    let mut center = MemoryNode::default();
-    laptop
-        .docs
-        .insert(id("LAP-1"), new_case(1, "LAP-1", "0901"));
-    let live = SessionConfig {
-        live: true,
-        ..SessionConfig::default()
-    };
-    let mut l = start(&mut laptop, "right", live);
-    let mut c = start(&mut center, "left", SessionConfig::default());
-    pump((&mut l, &mut laptop), (&mut c, &mut center), usize::MAX).unwrap();
+    let (mut laptop, mut center, mut l, mut c) = live_pair();
 
     for (round, note) in ["received", "checked", "result ready"].iter().enumerate() {
         let sent_before = c.stats().case_messages_sent;
