@@ -299,6 +299,29 @@ pub enum MergeError {
     Store(#[from] StoreError),
 }
 
+/// Free space under which an I/O error while writing is reported as a
+/// full disk: less than a few WAL frames' worth.
+const DISK_FULL_BELOW_BYTES: u64 = 256 * 1024;
+
+/// Bytes an unprivileged writer may still use on the file system holding
+/// `path` (its directory, for a file that may not exist yet).
+fn free_bytes(path: &Path) -> Option<u64> {
+    let dir = if path.is_dir() { path } else { path.parent()? };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a zeroed
+    // out-parameter of the right type; statvfs writes only into it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 /// Maps a SQLite error to what it means for the user.
 fn classify(e: rusqlite::Error, path: &Path) -> StoreError {
     match e.sqlite_error_code() {
@@ -306,6 +329,14 @@ fn classify(e: rusqlite::Error, path: &Path) -> StoreError {
             path: path.to_path_buf(),
         },
         Some(ErrorCode::DiskFull) => StoreError::DiskFull,
+        // A write that found no room: SQLite says "disk full" only when it
+        // sees ENOSPC itself; a full tmpfs or a WAL write often surfaces
+        // as a plain I/O error instead.
+        Some(ErrorCode::SystemIoFailure)
+            if free_bytes(path).is_some_and(|f| f < DISK_FULL_BELOW_BYTES) =>
+        {
+            StoreError::DiskFull
+        }
         Some(ErrorCode::SystemIoFailure) => StoreError::Io {
             path: path.to_path_buf(),
             detail: e.to_string(),
