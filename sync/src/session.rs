@@ -631,6 +631,13 @@ impl Session {
     /// split message queued are queued behind it (see [`Session::send`]),
     /// so one case's messages never reorder.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        if self.large_bytes == 0 {
+            // Nothing is being split (the usual case): plain order.
+            return match self.outbox.pop_front()? {
+                Outgoing::Frame { frame, .. } => Some(frame),
+                Outgoing::Large { .. } => unreachable!("large_bytes counts every split message"),
+            };
+        }
         // Items before the first Idle may go in any order described above.
         let window = self
             .outbox
@@ -803,10 +810,11 @@ impl Session {
         if let Some(case) = case.filter(|_| self.version >= PARTS_VERSION) {
             // Behind a split message for the same case, even a small one
             // waits its turn: one case's messages keep their order.
-            let behind = self.outbox.iter().any(|o| match o {
-                Outgoing::Large { case: c, .. } => c == case,
-                Outgoing::Frame { .. } => false,
-            });
+            let behind = self.large_bytes > 0
+                && self.outbox.iter().any(|o| match o {
+                    Outgoing::Large { case: c, .. } => c == case,
+                    Outgoing::Frame { .. } => false,
+                });
             if behind || payload.len() > self.config.split_above_bytes {
                 self.large_bytes += payload.len();
                 self.outbox.push_back(Outgoing::Large {
