@@ -27,10 +27,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fieldcase_node::case::NewCase;
-use fieldcase_node::net::{self, Server, SyncOptions};
+use fieldcase_node::net::{self, SyncOptions};
 use fieldcase_node::node::{Node, Role};
 use fieldcase_node::transfer::BlobProgress;
 use fieldcase_tests::relay::{LinkProfile, Relay};
+use fieldcase_tests::InProcServer;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -91,13 +92,8 @@ async fn run(name: &str) -> anyhow::Result<Figures> {
     )?;
     drop(center);
 
-    let server = Server::bind(&center_home, "127.0.0.1:0".parse()?, Arc::new(|_: &str| {}))?;
-    let server_addr = server.local_addr()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server_task = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
-    let relay = Relay::start(server_addr, profile, SEED).await?;
+    let server = InProcServer::start(&center_home)?;
+    let relay = Relay::start(server.addr, profile, SEED).await?;
     let mut laptop = Node::open(&laptop_home)?;
     laptop.add_peer(
         &center_id.to_string(),
@@ -147,8 +143,7 @@ async fn run(name: &str) -> anyhow::Result<Figures> {
         stats.dropped_queue,
         stats.dropped_blackout
     );
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), server_task).await;
+    server.stop().await;
     relay.stop().await;
     Ok(Figures {
         profile: name.to_string(),

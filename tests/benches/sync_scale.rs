@@ -46,10 +46,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use automerge::Automerge;
 use fieldcase_node::case::{self, Author, CaseError, DocState, NewCase, Status};
-use fieldcase_node::net::{self, Server, SyncOptions, SyncReport};
+use fieldcase_node::net::{self, SyncOptions, SyncReport};
 use fieldcase_node::node::{open_store, Node, Role};
 use fieldcase_node::store::{PeerRow, StoreError, CREATE_BATCH_MAX};
 use fieldcase_tests::relay::{LinkProfile, Relay};
+use fieldcase_tests::{quiet_sync_options, InProcServer};
 
 /// Bump when the shape of generated cases changes: old caches are ignored.
 const FIXTURE_VERSION: u32 = 2;
@@ -441,47 +442,6 @@ fn case_count(home: &Path) -> Result<u64> {
 
 // ------------------------------------------------------------ in-process
 
-struct InProcServer {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), net::NetError>>>,
-}
-
-impl InProcServer {
-    fn start(home: &Path) -> Result<InProcServer> {
-        let server = Server::bind(home, "127.0.0.1:0".parse()?, Arc::new(|_: &str| {}))?;
-        let addr = server.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async {
-            let _ = stopped.await;
-        }));
-        Ok(InProcServer {
-            addr,
-            stop: Some(stop),
-            task: Some(task),
-        })
-    }
-
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
-        }
-    }
-}
-
-fn quiet_opts() -> SyncOptions {
-    SyncOptions {
-        live: false,
-        changes: None,
-        log: Arc::new(|_: &str| {}),
-        progress: Arc::new(|_: &_| {}),
-        only_blob: None,
-    }
-}
-
 /// What one outgoing sync took.
 struct Timing {
     /// `sync_with` returned: session finished, connection closed and
@@ -517,9 +477,12 @@ async fn sync_to(home: &Path, peer: &PeerRow, addr: SocketAddr) -> Result<(SyncR
             None
         })
     };
-    let report = tokio::time::timeout(SYNC_TIMEOUT, net::sync_with(home, &peer, quiet_opts()))
-        .await
-        .map_err(|_| anyhow!("sync timed out"));
+    let report = tokio::time::timeout(
+        SYNC_TIMEOUT,
+        net::sync_with(home, &peer, quiet_sync_options()),
+    )
+    .await
+    .map_err(|_| anyhow!("sync timed out"));
     let wall = t0.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let converged = watcher.join().ok().flatten();
@@ -953,7 +916,7 @@ async fn live_push(center: &Path, laptop: &Path, peer: &PeerRow, n: usize) -> Re
         let opts = SyncOptions {
             live: true,
             changes: Some(rx),
-            ..quiet_opts()
+            ..quiet_sync_options()
         };
         net::sync_with(&home, &peer, opts).await
     });

@@ -779,3 +779,55 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .expect("runtime")
 }
+
+/// A center's `Server` running in this process on a loopback port, for
+/// benchmarks and stories that read both stores afterwards. Call it from
+/// inside a tokio runtime.
+pub struct InProcServer {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), fieldcase_node::net::NetError>>>,
+}
+
+impl InProcServer {
+    /// Binds the node at `home` to 127.0.0.1 on a free port and serves.
+    pub fn start(home: &Path) -> Result<InProcServer> {
+        let server = fieldcase_node::net::Server::bind(
+            home,
+            "127.0.0.1:0".parse()?,
+            Arc::new(|_: &str| {}),
+        )?;
+        let addr = server.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        Ok(InProcServer {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// Stops serving and waits for the server (at most 10 s).
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+/// Options for a one-shot sync that logs and reports nothing.
+pub fn quiet_sync_options() -> fieldcase_node::net::SyncOptions {
+    fieldcase_node::net::SyncOptions {
+        live: false,
+        changes: None,
+        log: Arc::new(|_: &str| {}),
+        progress: Arc::new(|_: &_| {}),
+        only_blob: None,
+    }
+}

@@ -8,15 +8,15 @@
 //! cases, listed after the large one, are committed before it.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Result};
 use fieldcase_node::case::{self, NewCase, MAX_TEXT_CHARS};
-use fieldcase_node::net::{self, Server, SyncOptions};
+use fieldcase_node::net;
 use fieldcase_node::node::{open_store, Node, Role};
 use fieldcase_tests::relay::{LinkProfile, Relay};
 use fieldcase_tests::seeded_rng;
+use fieldcase_tests::{quiet_sync_options, InProcServer};
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
@@ -94,12 +94,7 @@ fn a_survey_case_with_a_megabyte_of_notes_arrives_after_the_small_cases_behind_i
 
     let rt = fieldcase_tests::runtime();
     let order = rt.block_on(async {
-        let server = Server::bind(&center_home, "127.0.0.1:0".parse()?, Arc::new(|_: &str| {}))?;
-        let addr = server.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let serving = tokio::spawn(server.run(async {
-            let _ = stopped.await;
-        }));
+        let server = InProcServer::start(&center_home)?;
         // A slow link: 6 Mbit/s, 60 ms RTT, no loss.
         let profile = LinkProfile {
             rtt: Duration::from_millis(60),
@@ -107,7 +102,7 @@ fn a_survey_case_with_a_megabyte_of_notes_arrives_after_the_small_cases_behind_i
             queue_bytes: 96 * 1024,
             ..LinkProfile::perfect()
         };
-        let relay = Relay::start(addr, profile, seed).await?;
+        let relay = Relay::start(server.addr, profile, seed).await?;
         let mut laptop = Node::open(&laptop_home)?;
         laptop.add_peer(
             &center_id.to_string(),
@@ -116,18 +111,11 @@ fn a_survey_case_with_a_megabyte_of_notes_arrives_after_the_small_cases_behind_i
         )?;
         let peer = laptop.peer("center")?;
         drop(laptop);
-        let opts = SyncOptions {
-            live: false,
-            changes: None,
-            log: Arc::new(|_: &str| {}),
-            progress: Arc::new(|_: &_| {}),
-            only_blob: None,
-        };
+        let opts = quiet_sync_options();
         let report = tokio::time::timeout(SYNC_TIMEOUT, net::sync_with(&laptop_home, &peer, opts))
             .await
             .map_err(|_| anyhow!("sync did not finish within {SYNC_TIMEOUT:?}"))??;
-        let _ = stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(10), serving).await;
+        server.stop().await;
         ensure!(
             report.stats.cases_received.len() == SMALL_CASES + 1,
             "the laptop received every case: {:?}",
